@@ -11,11 +11,15 @@ on the step, so the reported gradient norm is what every refit achieved.
 
 All refits of a batch share each pass over the data: the logits of m refits are
 one product X [W_1; ...; W_m]^T (a GEMM with m C columns), as are their gradients.
+The first gradient needs no pass at all: at W_hat,
+    grad R_{-i}(W_hat) = (S - r_i x_i^T) / (n - 1) + lambda W_hat,
+with S = sum_j r_j x_j^T the summed cross-entropy gradient (computed once per
+problem) and r_i = softmax(W_hat x_i) - e_{y_i}.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +40,8 @@ class SoftmaxRefitProblem:
         hessian_cholesky: lower Cholesky factor of the full Hessian at W_hat, (C d, C d).
         tol: required ||grad R_{-i}||.
         max_steps: Newton steps allowed per refit before giving up.
+        loss_gradient_sum: S = sum_j grad CE_j(W_hat), shape (C, d); derived
+            from the fields above, not set by the caller.
     """
 
     inputs: Tensor
@@ -45,6 +51,25 @@ class SoftmaxRefitProblem:
     hessian_cholesky: Tensor
     tol: float = 1e-10
     max_steps: int = 20
+    loss_gradient_sum: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.loss_gradient_sum = _residuals(self.inputs, self.targets, self.optimum).T @ self.inputs
+
+
+def _residuals(inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """softmax(W x_j) - e_{y_j} for every row of ``inputs``: (n, d) -> (n, C)."""
+    residuals = torch.softmax(inputs @ weights.T, dim=1)
+    residuals[torch.arange(len(targets)), targets] -= 1.0
+    return residuals
+
+
+def _loo_gradients_at_optimum(problem: SoftmaxRefitProblem, removed: Tensor) -> Tensor:
+    """grad R_{-i}(W_hat) for every removed index, without a pass over the data: (m,) -> (m, C, d)."""
+    x = problem.inputs[removed]
+    own = _residuals(x, problem.targets[removed], problem.optimum)  # (m, C)
+    n = problem.inputs.shape[0]
+    return (problem.loss_gradient_sum - own.unsqueeze(2) * x.unsqueeze(1)) / (n - 1) + problem.weight_decay * problem.optimum
 
 
 def _loo_gradients(problem: SoftmaxRefitProblem, weights: Tensor, removed: Tensor) -> Tensor:
@@ -73,8 +98,10 @@ def refit_leave_one_out(problem: SoftmaxRefitProblem, removed_indices: list[int]
     steps = torch.zeros(m, dtype=torch.long)
     norms = torch.full((m,), float("inf"), dtype=weights.dtype)
     active = torch.arange(m)
-    for _ in range(problem.max_steps + 1):
-        gradients = _loo_gradients(problem, weights[active], removed[active])
+    gradients = _loo_gradients_at_optimum(problem, removed)
+    for step in range(problem.max_steps + 1):
+        if step > 0:
+            gradients = _loo_gradients(problem, weights[active], removed[active])
         norms[active] = gradients.reshape(len(active), -1).norm(dim=1)
         still = norms[active] > problem.tol
         active, gradients = active[still], gradients[still]
