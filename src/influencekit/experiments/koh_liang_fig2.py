@@ -18,8 +18,11 @@ Pipeline (every number it prints is checkable):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,7 @@ from influencekit.influence import InfluenceFunction
 from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
 from influencekit.solvers import ConjugateGradient, DirectSolver, LiSSA
 from influencekit.validation.leave_one_out import (
+    MappedRefitProblem,
     SoftmaxRefitProblem,
     as_numpy,
     as_weights,
@@ -68,7 +72,7 @@ class Fig2Config:
     seed: int = 0
     workers: int = 2
     scheduler: str | None = None
-    refit_batch_size: int = 25
+    refit_batch_size: int = 50
     cache_dir: Path | None = None
     allow_untrustworthy: bool = False
     progress: bool | None = None
@@ -206,10 +210,15 @@ def reproduce(config: Fig2Config) -> dict:
     problem = SoftmaxRefitProblem(x, y, config.weight_decay, fit.weights, factor, tol=config.optimum_tol)
     fingerprint = fingerprint_of(x, y, fit.weights, weight_decay=config.weight_decay, tol=config.optimum_tol, model="softmax-regression")
     cache = RefitCache(config.cache_dir or config.out / "refits", fingerprint)
-    refits = run_refits(
-        _refit_batch, removed, cache, shared=problem, workers=config.workers,
-        scheduler_address=config.scheduler, batch_size=config.refit_batch_size, progress=config.progress is not False,
-    )
+    with contextlib.ExitStack() as stack:
+        shared: SoftmaxRefitProblem | MappedRefitProblem = problem
+        if config.scheduler is None and config.workers > 0 and not set(removed) <= set(cache.done_indices()):
+            # Local workers map one copy of the data and factor instead of unpickling their own.
+            shared = problem.save_mapped(stack.enter_context(_problem_directory(cache.path)))
+        refits = run_refits(
+            _refit_batch, removed, cache, shared=shared, workers=config.workers,
+            scheduler_address=config.scheduler, batch_size=config.refit_batch_size, progress=config.progress is not False,
+        )
     retrain_seconds = time.perf_counter() - t
     max_refit_grad = max(float(refits[i]["gradient_norm"]) for i in removed)
     _log(f"retraining: {len(removed)} leave-one-out refits in {retrain_seconds:.1f} s, max ||grad|| {max_refit_grad:.3g}")
@@ -265,7 +274,33 @@ def reproduce(config: Fig2Config) -> dict:
     return results
 
 
-def _refit_batch(problem: SoftmaxRefitProblem, batch: list[int]) -> list[dict]:
+@contextlib.contextmanager
+def _problem_directory(cache_path: Path):
+    """``cache_path/.problem-PID`` for the mapped problem, removed afterwards (and left-overs of killed runs)."""
+    for stale in cache_path.glob(".problem-*"):
+        pid = stale.name.removeprefix(".problem-")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = cache_path / f".problem-{os.getpid()}"
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _refit_batch(problem: SoftmaxRefitProblem | MappedRefitProblem, batch: list[int]) -> list[dict]:
+    if isinstance(problem, MappedRefitProblem):
+        problem = problem.load()
     return [as_numpy(r) for r in refit_leave_one_out(problem, batch)]
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from influencekit.data import Batch
+from influencekit.linalg import matmul
 from influencekit.losses import batch_inputs, batch_targets
 from influencekit.objective import check_directions
 
@@ -40,7 +41,7 @@ class SoftmaxRegressionObjective:
         chunk_size: rows per chunk of full-data passes (bounds temporary memory).
     """
 
-    def __init__(self, weights: Tensor, inputs: Tensor, targets: Tensor, weight_decay: float, chunk_size: int = 8192):
+    def __init__(self, weights: Tensor, inputs: Tensor, targets: Tensor, weight_decay: float, chunk_size: int = 1024):
         if weights.dim() != 2 or inputs.dim() != 2 or inputs.shape[1] != weights.shape[1]:
             raise ValueError(f"need W (C, d) and X (n, d), got {tuple(weights.shape)} and {tuple(inputs.shape)}")
         if targets.shape != (inputs.shape[0],):
@@ -69,7 +70,7 @@ class SoftmaxRegressionObjective:
     def probs(self) -> Tensor:
         """Softmax probabilities of the training set, shape (n, C) (cached)."""
         if self._probs is None:
-            self._probs = torch.softmax(self.inputs @ self.weights.T, dim=1)
+            self._probs = torch.softmax(matmul(self.inputs, self.weights.T), dim=1)
         return self._probs
 
     def _residuals(self, rows: slice | Tensor) -> Tensor:
@@ -85,12 +86,12 @@ class SoftmaxRegressionObjective:
             yield slice(start, start + self.chunk_size)
 
     def objective_value(self) -> float:
-        log_probs = torch.log_softmax(self.inputs @ self.weights.T, dim=1)
+        log_probs = torch.log_softmax(matmul(self.inputs, self.weights.T), dim=1)
         ce = -log_probs[torch.arange(self.n_train), self.targets].mean()
         return float(ce) + 0.5 * self.weight_decay * float((self.weights**2).sum())
 
     def objective_gradient(self) -> Tensor:
-        grad_w = self._residuals(slice(None)).T @ self.inputs / self.n_train + self.weight_decay * self.weights
+        grad_w = matmul(self._residuals(slice(None)).T, self.inputs) / self.n_train + self.weight_decay * self.weights
         return grad_w.reshape(-1)
 
     def train_gradients(self, indices: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ class SoftmaxRegressionObjective:
         out = torch.empty(k, self.n_train, dtype=self.dtype)
         flat = v.reshape(k * self.num_classes, self.num_features)
         for rows in self._chunks():
-            projected = (self.inputs[rows] @ flat.T).reshape(-1, k, self.num_classes)  # (m, k, C): V_j x_i
+            projected = matmul(self.inputs[rows], flat.T).reshape(-1, k, self.num_classes)  # (m, k, C): V_j x_i
             out[:, rows] = torch.einsum("mkc,mc->km", projected, self._residuals(rows))
         return out + self.weight_decay * (v.reshape(k, -1) @ self.parameters_vector()).unsqueeze(1)
 
@@ -128,16 +129,20 @@ class SoftmaxRegressionObjective:
         return weighted - probs * weighted.sum(dim=-1, keepdim=True)
 
     def hvp(self, vectors: Tensor) -> Tensor:
+        # The loop stays in numpy: OpenBLAS is faster here than torch's MKL
+        # (influencekit.linalg), and torch ops between the products would make
+        # the two libraries' thread pools spin against each other.
         v = self._as_matrices(vectors)
-        k = v.shape[0]
-        flat = v.reshape(k * self.num_classes, self.num_features)
-        total = torch.zeros(k * self.num_classes, self.num_features, dtype=self.dtype)
+        k, c = v.shape[0], self.num_classes
+        flat = v.reshape(k * c, self.num_features).numpy()
+        inputs, probs = self.inputs.numpy(), self.probs.numpy()
+        total = np.zeros((k * c, self.num_features), dtype=inputs.dtype)
         for rows in self._chunks():
-            x = self.inputs[rows]
-            projected = (x @ flat.T).reshape(-1, k, self.num_classes)
-            r = self._curvature_apply(self.probs[rows].unsqueeze(1), projected)
-            total += r.reshape(-1, k * self.num_classes).T @ x
-        hv = total.reshape(k, -1) / self.n_train
+            x, p = inputs[rows], probs[rows][:, None, :]
+            weighted = p * (x @ flat.T).reshape(-1, k, c)
+            r = weighted - p * weighted.sum(axis=2, keepdims=True)
+            total += r.reshape(-1, k * c).T @ x
+        hv = torch.from_numpy(total).reshape(k, -1) / self.n_train
         return hv + self.weight_decay * v.reshape(k, -1)
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:
