@@ -160,28 +160,33 @@ class SoftmaxRegressionObjective:
         """Explicit Hessian (p, p), p = C d.
 
         Block (a, b) (rows a d .. (a+1) d) is X^T diag(w_ab) X / n + lambda [a = b] I with
-        w_aa = p_a (1 - p_a) >= 0 and w_ab = -p_a p_b <= 0, so each of the C (C + 1) / 2
-        distinct blocks is one symmetric rank-n update (BLAS syrk) of the rows of X scaled
-        by sqrt|w_ab|: half the work of a general product. Cost O(n d^2 C^2 / 4).
+        w_aa = p_a (1 - p_a) and w_ab = -p_a p_b. Each of the C (C - 1) / 2 off-diagonal
+        blocks is one symmetric rank-n update (BLAS syrk) of the rows of X scaled by
+        sqrt(p_a p_b): half the work of a general product. The diagonal blocks need no
+        pass: since sum_b p_b = 1, sum_b w_ab = 0, so block (a, a) = -sum_{b != a} block (a, b).
+        Cost O(n d^2 C^2 / 4).
         """
         c, d = self.num_classes, self.num_features
         syrk = scipy.linalg.blas.dsyrk if self.dtype == torch.float64 else scipy.linalg.blas.ssyrk
         h = np.zeros((c * d, c * d), dtype=np.float64 if self.dtype == torch.float64 else np.float32)
         x_all, p_all = self.inputs.numpy(), self.probs.numpy()
+
+        def block(a: int, b: int) -> tuple[slice, slice]:
+            return np.s_[a * d : (a + 1) * d, b * d : (b + 1) * d]
+
         for a in range(c):
-            for b in range(a, c):
-                block = np.zeros((d, d), dtype=h.dtype, order="F")
+            for b in range(a + 1, c):
+                upper = np.zeros((d, d), dtype=h.dtype, order="F")
                 for start in range(0, self.n_train, chunk_size):
                     p = p_all[start : start + chunk_size]
-                    weight = p[:, a] * (1.0 - p[:, a]) if a == b else p[:, a] * p[:, b]
-                    scaled = x_all[start : start + chunk_size] * np.sqrt(weight)[:, None]
+                    scaled = x_all[start : start + chunk_size] * np.sqrt(p[:, a] * p[:, b])[:, None]
                     # a C-ordered (m, d) array is the F-ordered (d, m) transpose: syrk gives scaled^T scaled
-                    block = syrk(1.0, scaled.T, beta=1.0, c=block, trans=0, lower=0, overwrite_c=1)
-                block = np.triu(block) + np.triu(block, 1).T
-                block *= (1.0 if a == b else -1.0) / self.n_train
-                h[a * d : (a + 1) * d, b * d : (b + 1) * d] = block
-                if a != b:
-                    h[b * d : (b + 1) * d, a * d : (a + 1) * d] = block.T
+                    upper = syrk(1.0, scaled.T, beta=1.0, c=upper, trans=0, lower=0, overwrite_c=1)
+                off_diagonal = -(np.triu(upper) + np.triu(upper, 1).T) / self.n_train
+                h[block(a, b)] = off_diagonal
+                h[block(b, a)] = off_diagonal
+                h[block(a, a)] -= off_diagonal
+                h[block(b, b)] -= off_diagonal
         h[np.diag_indices_from(h)] += self.weight_decay
         return torch.from_numpy(h)
 

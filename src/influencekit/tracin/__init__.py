@@ -7,6 +7,8 @@
   whose dot product is the TracIn score, optionally JL-projected, in memory or
   streamed to zarr / ``.npy``.
 * :class:`InnerProductIndex` -- FAISS top-k proponents/opponents and recall@k.
+* :class:`LastLayerFactorIndex` -- exact last-layer top-k from the factors (g, a),
+  a tenth of the embeddings' memory and query time on MNIST.
 
 Sign convention: a positive score means the training example's gradient steps
 reduced the test loss (proponent); negative means they increased it (opponent).
@@ -22,6 +24,7 @@ from influencekit.tracin.embeddings import (
     open_embeddings,
     write_influence_embeddings,
 )
+from influencekit.tracin.factor_index import LastLayerFactorIndex
 from influencekit.tracin.index import IndexKind, InnerProductIndex, RecallReport, SearchResult, recall_at_k
 from influencekit.tracin.tracincp import (
     Checkpoint,
@@ -38,6 +41,7 @@ __all__ = [
     "GaussianProjection",
     "IndexKind",
     "InnerProductIndex",
+    "LastLayerFactorIndex",
     "LastLayerTracIn",
     "RecallReport",
     "SearchResult",
