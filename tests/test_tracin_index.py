@@ -1,4 +1,4 @@
-"""Embedding storage (zarr / .npy) and FAISS top-k proponents/opponents with recall."""
+"""Embedding storage (zarr / .npy), FAISS top-k proponents/opponents with recall, and the factor index."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from influencekit.tracin import (
     GaussianProjection,
     InnerProductIndex,
+    LastLayerFactorIndex,
     LastLayerTracIn,
+    TracInCP,
     embedding_dim,
     influence_embeddings,
     iter_embedding_chunks,
@@ -189,3 +191,55 @@ def test_index_over_tracin_embeddings_matches_tracin_top_k(tracin, data, tmp_pat
     scale = float(top.proponent_scores.abs().max())
     np.testing.assert_allclose(pro.scores, top.proponent_scores.numpy(), rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(opp.scores, top.opponent_scores.numpy(), rtol=0, atol=1e-5 * scale)
+
+# ------------------------------------------------------------------------- factor index
+
+
+def layer_tracincp(tracin: LastLayerTracIn) -> TracInCP:
+    """Per-example-gradient TracIn on the same layer and checkpoints: the factor index's ground truth."""
+    return TracInCP(tracin.model, tracin.checkpoints, LRS, ce_loss, params=["fc2.weight", "fc2.bias"], chunk_size=11)
+
+
+def test_scores_equal_per_example_gradient_tracin(tracin, data):
+    test, train = data
+    last, full = tracin, layer_tracincp(tracin)
+    index = LastLayerFactorIndex.from_tracin(last, train, dtype=np.float64)
+    got = index.scores(*LastLayerFactorIndex.query_factors(last, test))
+    want = full.scores(test, train).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    assert index.nbytes == 3 * 40 * (3 + 9) * 8  # C + d (with the bias column) per example and checkpoint
+
+
+def test_top_k_equals_brute_force_and_the_flat_embedding_index(tracin, data):
+    test, train = data
+    last, full = tracin, layer_tracincp(tracin)
+    k = 5
+    index = LastLayerFactorIndex.from_tracin(last, train)  # float32, like FAISS
+    pro, opp = index.search(*LastLayerFactorIndex.query_factors(last, test), k)
+    want = full.scores(test, train).numpy()
+    np.testing.assert_array_equal(pro.ids, np.argsort(-want, axis=1, kind="stable")[:, :k])
+    np.testing.assert_array_equal(opp.ids, np.argsort(want, axis=1, kind="stable")[:, :k])
+    np.testing.assert_allclose(pro.scores, np.take_along_axis(want, pro.ids, axis=1), rtol=1e-5)
+    assert np.all(np.diff(pro.scores, axis=1) <= 0) and np.all(np.diff(opp.scores, axis=1) >= 0)
+    flat = InnerProductIndex.from_array(influence_embeddings(last, train))
+    queries = influence_embeddings(last, test)
+    np.testing.assert_array_equal(flat.proponents(queries, k).ids, pro.ids)
+    np.testing.assert_array_equal(flat.opponents(queries, k).ids, opp.ids)
+
+
+def test_invalid_input_is_refused(tracin, data):
+    (test, train), last = data, tracin
+    index = LastLayerFactorIndex.from_tracin(last, train)
+    g, a = LastLayerFactorIndex.query_factors(last, test)
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(g, a, 0)
+    with pytest.raises(ValueError, match="all 3 checkpoints"):
+        index.scores(g[:2], a[:2])
+    with pytest.raises(ValueError, match="widths"):
+        index.scores(g, [x[:, :-1] for x in a])
+    with pytest.raises(ValueError, match="one \\(gradients, inputs"):
+        LastLayerFactorIndex(index.gradients, index.inputs[:2], LRS)
+    with pytest.raises(ValueError, match="expected 40"):
+        LastLayerFactorIndex(index.gradients, [index.inputs[0][:10], *index.inputs[1:]], LRS)
+    with pytest.raises(ValueError, match="NaN"):
+        LastLayerFactorIndex([np.full((40, 3), np.nan)] * 3, index.inputs, LRS)
