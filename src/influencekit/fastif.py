@@ -45,6 +45,7 @@ from influencekit.influence import InfluenceFunction, InfluenceScores, TopK
 from influencekit.models.softmax_regression import SoftmaxRegressionObjective
 from influencekit.objective import Objective
 from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.tracin.index import as_float_matrix
 
 __all__ = [
     "RECALL_KINDS",
@@ -65,20 +66,6 @@ RECALL_KINDS: tuple[RecallKind, ...] = ("helpful", "harmful", "influential")
 """The three rankings: most negative I_up,loss, most positive, largest |I_up,loss|."""
 
 
-def _as_float32_matrix(x: Tensor | np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
-    """A contiguous float32 array (n, dim) of ``x`` (FAISS computes in float32)."""
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must be 2-D (n, features), got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"{what} have {arr.shape[1]} features, the index has {dim}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contain NaN or inf (after conversion to float32)")
-    return arr
-
-
 class KNNCandidateSelector:
     """Exact L2 nearest neighbours of queries among the training points' features (FAISS ``IndexFlatL2``).
 
@@ -95,7 +82,7 @@ class KNNCandidateSelector:
 
     def __init__(self, features: Tensor | np.ndarray):
         start = time.perf_counter()
-        arr = _as_float32_matrix(features, "features")
+        arr = as_float_matrix(features, "features")
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"need at least one training point and one feature, got shape {arr.shape}")
         self.dim = int(arr.shape[1])
@@ -121,7 +108,7 @@ class KNNCandidateSelector:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.n_train:
             raise ValueError(f"k must be an int in [1, n_train={self.n_train}], got {k!r}")
-        queries = _as_float32_matrix(query_features, "query features", self.dim)
+        queries = as_float_matrix(query_features, "query features", self.dim)
         distances, ids = self._index.search(queries, int(k))
         return torch.from_numpy(distances), torch.from_numpy(ids.astype(np.int64))
 

@@ -123,10 +123,10 @@ class SoftmaxRegressionObjective:
         return -torch.log_softmax(x @ self.weights.T, dim=1)[torch.arange(len(y)), y]
 
     @staticmethod
-    def _curvature_apply(probs: Tensor, projected: Tensor) -> Tensor:
-        """r = p * u - p (p . u) for u = projected (..., C) and p = probs broadcast."""
+    def _curvature_apply(probs, projected):
+        """r = p * u - p (p . u) for u = projected (..., C) and p = probs broadcast (tensors or numpy arrays)."""
         weighted = probs * projected
-        return weighted - probs * weighted.sum(dim=-1, keepdim=True)
+        return weighted - probs * weighted.sum(-1)[..., None]
 
     def hvp(self, vectors: Tensor) -> Tensor:
         # The loop stays in numpy: OpenBLAS is faster here than torch's MKL
@@ -138,9 +138,8 @@ class SoftmaxRegressionObjective:
         inputs, probs = self.inputs.numpy(), self.probs.numpy()
         total = np.zeros((k * c, self.num_features), dtype=inputs.dtype)
         for rows in self._chunks():
-            x, p = inputs[rows], probs[rows][:, None, :]
-            weighted = p * (x @ flat.T).reshape(-1, k, c)
-            r = weighted - p * weighted.sum(axis=2, keepdims=True)
+            x = inputs[rows]
+            r = self._curvature_apply(probs[rows][:, None, :], (x @ flat.T).reshape(-1, k, c))
             total += r.reshape(-1, k * c).T @ x
         hv = torch.from_numpy(total).reshape(k, -1) / self.n_train
         return hv + self.weight_decay * v.reshape(k, -1)

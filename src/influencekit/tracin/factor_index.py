@@ -23,21 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencekit.tracin.index import SearchResult
+from influencekit.tracin.index import SearchResult, as_float_matrix
 from influencekit.tracin.tracincp import LastLayerTracIn, TracInData
 
 __all__ = ["LastLayerFactorIndex"]
 
 
-def _as_matrix(x: np.ndarray | Tensor, what: str, dtype: np.dtype) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.ascontiguousarray(x, dtype=dtype)
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must be 2-D, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contains NaN or inf")
-    return arr
+def _factors(tracin: LastLayerTracIn, data: TracInData) -> tuple[list[Tensor], list[Tensor]]:
+    """Per checkpoint, the stacked g (n, C) and a (n, d) of ``data``."""
+    gradients, inputs = [], []
+    for c in range(tracin.num_checkpoints):
+        parts = list(tracin.iter_factors(data, c))
+        gradients.append(torch.cat([g for g, _ in parts]))
+        inputs.append(torch.cat([a for _, a in parts]))
+    return gradients, inputs
 
 
 class LastLayerFactorIndex:
@@ -63,8 +62,8 @@ class LastLayerFactorIndex:
                 f"{len(inputs)} and {len(learning_rates)}"
             )
         self.dtype = np.dtype(dtype)
-        self.gradients = [_as_matrix(g, f"gradients[{c}]", self.dtype) for c, g in enumerate(gradients)]
-        self.inputs = [_as_matrix(a, f"inputs[{c}]", self.dtype) for c, a in enumerate(inputs)]
+        self.gradients = [as_float_matrix(g, f"gradients[{c}]", dtype=self.dtype) for c, g in enumerate(gradients)]
+        self.inputs = [as_float_matrix(a, f"inputs[{c}]", dtype=self.dtype) for c, a in enumerate(inputs)]
         self.learning_rates = [float(eta) for eta in learning_rates]
         n = self.gradients[0].shape[0]
         for c, (g, a) in enumerate(zip(self.gradients, self.inputs)):
@@ -75,22 +74,12 @@ class LastLayerFactorIndex:
     @classmethod
     def from_tracin(cls, tracin: LastLayerTracIn, train_data: TracInData, dtype: np.dtype | type = np.float32) -> LastLayerFactorIndex:
         """Compute and store the factors of ``train_data`` at every checkpoint of ``tracin``."""
-        gradients, inputs = [], []
-        for c in range(tracin.num_checkpoints):
-            parts = list(tracin.iter_factors(train_data, c))
-            gradients.append(torch.cat([g for g, _ in parts]))
-            inputs.append(torch.cat([a for _, a in parts]))
-        return cls(gradients, inputs, tracin.learning_rates, dtype)
+        return cls(*_factors(tracin, train_data), tracin.learning_rates, dtype)
 
     @staticmethod
     def query_factors(tracin: LastLayerTracIn, test_batch: TracInData) -> tuple[list[Tensor], list[Tensor]]:
         """The factors ``(g_c, a_c)`` of test examples per checkpoint, each (m, C) and (m, d)."""
-        gradients, inputs = [], []
-        for c in range(tracin.num_checkpoints):
-            parts = list(tracin.iter_factors(test_batch, c))
-            gradients.append(torch.cat([g for g, _ in parts]))
-            inputs.append(torch.cat([a for _, a in parts]))
-        return gradients, inputs
+        return _factors(tracin, test_batch)
 
     @property
     def nbytes(self) -> int:
@@ -103,8 +92,8 @@ class LastLayerFactorIndex:
             raise ValueError(f"need the query factors of all {len(self.gradients)} checkpoints")
         total: np.ndarray | None = None
         for c, eta in enumerate(self.learning_rates):
-            qg = _as_matrix(query_gradients[c], f"query_gradients[{c}]", self.dtype)
-            qa = _as_matrix(query_inputs[c], f"query_inputs[{c}]", self.dtype)
+            qg = as_float_matrix(query_gradients[c], f"query_gradients[{c}]", dtype=self.dtype)
+            qa = as_float_matrix(query_inputs[c], f"query_inputs[{c}]", dtype=self.dtype)
             if qg.shape[1] != self.gradients[c].shape[1] or qa.shape[1] != self.inputs[c].shape[1]:
                 raise ValueError(
                     f"checkpoint {c}: query factors of widths {qg.shape[1]}, {qa.shape[1]}; the index has "

@@ -66,17 +66,17 @@ class RecallReport(NamedTuple):
     opponent_recall: float
 
 
-def _as_float32(x: ArrayLike, what: str, dim: int | None = None) -> np.ndarray:
-    """Contiguous float32 ``(n, dim)`` copy/view of ``x`` (FAISS only handles float32)."""
+def as_float_matrix(x: ArrayLike, what: str, dim: int | None = None, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Contiguous ``(n, dim)`` array of ``x`` in ``dtype`` (float32 for FAISS), checked finite."""
     if isinstance(x, Tensor):
         x = x.detach().cpu().numpy()
-    arr = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    arr = np.ascontiguousarray(np.asarray(x), dtype=dtype)
     if arr.ndim != 2:
         raise ValueError(f"{what} must be 2-D (n, dim), got shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{what} has dimension {arr.shape[1]}, the index has {dim}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contains NaN or inf (after conversion to float32)")
+        raise ValueError(f"{what} contains NaN or inf (after conversion to {np.dtype(dtype).name})")
     return arr
 
 
@@ -160,7 +160,7 @@ class InnerProductIndex:
         """Train the IVF coarse quantizer on ``sample`` ``(n >= nlist, dim)``; not needed for flat/HNSW."""
         if self.kind != "ivf":
             raise ValueError(f"a '{self.kind}' index needs no training")
-        arr = _as_float32(sample, "training sample", self.dim)
+        arr = as_float_matrix(sample, "training sample", self.dim)
         if arr.shape[0] < self._index.nlist:
             raise ValueError(f"IVF training needs at least nlist={self._index.nlist} vectors, got {arr.shape[0]}")
         self._index.train(arr)
@@ -169,13 +169,13 @@ class InnerProductIndex:
         """Append ``embeddings`` ``(n, dim)``; they get ids ``ntotal .. ntotal + n - 1``."""
         if not self.is_trained:
             raise RuntimeError("train the IVF index (train(...)) before adding vectors")
-        arr = _as_float32(embeddings, "embeddings", self.dim)
+        arr = as_float_matrix(embeddings, "embeddings", self.dim)
         self._index.add(arr)
 
     @classmethod
     def from_array(cls, embeddings: ArrayLike, kind: IndexKind = "flat", **options: int) -> InnerProductIndex:
         """Build an index from in-memory embeddings ``(n, dim)`` (IVF is trained on all of them)."""
-        arr = _as_float32(embeddings, "embeddings")
+        arr = as_float_matrix(embeddings, "embeddings")
         index = cls(arr.shape[1], kind, **options)
         if kind == "ivf":
             index.train(arr)
@@ -202,7 +202,7 @@ class InnerProductIndex:
         pending: list[np.ndarray] = []
         buffered = 0
         for i, chunk in enumerate(chunks):
-            arr = _as_float32(chunk, f"chunk {i}", None if index is None else index.dim)
+            arr = as_float_matrix(chunk, f"chunk {i}", None if index is None else index.dim)
             if index is None:
                 index = cls(arr.shape[1], kind, **options)
                 if kind == "ivf" and train_size is None:
@@ -234,7 +234,7 @@ class InnerProductIndex:
 
     def proponents(self, queries: ArrayLike, k: int) -> SearchResult:
         """The ``k`` stored vectors with the largest inner product with each query (descending)."""
-        q = _as_float32(queries, "queries", self.dim)
+        q = as_float_matrix(queries, "queries", self.dim)
         scores, ids = self._search(q, k)
         return SearchResult(scores, ids)
 
@@ -244,7 +244,7 @@ class InnerProductIndex:
         Searches with ``-query`` (``max <-q, x> = -min <q, x>``) and negates the
         scores back, so they are the actual (typically negative) inner products.
         """
-        q = _as_float32(queries, "queries", self.dim)
+        q = as_float_matrix(queries, "queries", self.dim)
         scores, ids = self._search(-q, k)
         return SearchResult(-scores, ids)
 
@@ -256,7 +256,7 @@ class InnerProductIndex:
             raise ValueError(
                 f"the indexes differ: {self.ntotal} x {self.dim} here, {exact.ntotal} x {exact.dim} in the reference"
             )
-        q = _as_float32(queries, "queries", self.dim)
+        q = as_float_matrix(queries, "queries", self.dim)
         pro = recall_at_k(self.proponents(q, k).ids, exact.proponents(q, k).ids)
         opp = recall_at_k(self.opponents(q, k).ids, exact.opponents(q, k).ids)
         return RecallReport(k=k, n_queries=q.shape[0], proponent_recall=pro, opponent_recall=opp)

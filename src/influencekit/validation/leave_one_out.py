@@ -152,8 +152,8 @@ def refit_leave_one_out(problem: SoftmaxRefitProblem, removed_indices: list[int]
         active, gradients = active[still], gradients[still]
         if len(active) == 0:
             break
-        step = cholesky_solve(problem.hessian_cholesky, gradients.reshape(len(active), -1))
-        weights[active] -= step.reshape(len(active), c, d)
+        newton_step = cholesky_solve(problem.hessian_cholesky, gradients.reshape(len(active), -1))
+        weights[active] -= newton_step.reshape(len(active), c, d)
         steps[active] += 1
     if len(active):
         worst = float(norms[active].max())
