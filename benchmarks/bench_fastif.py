@@ -9,7 +9,11 @@ training points by input distance (exact FAISS ``IndexFlatL2``) against
 scoring all n points with the objective's full pass; the speed-up with and
 without the kNN search; the same with FastIF's generic per-example-gradient
 scoring on k and on n points (first test point); and recall@m of FastIF
-against the full top-m.
+against the full top-m. Then the same search with an approximate kNN index
+(FAISS ``IndexIVFFlat`` over the inputs, at each of ``--ivf-nprobes``, or
+``--approx-index hnsw`` at each of ``--hnsw-ef-search-values``): its search time,
+the recall of the exact k nearest neighbours, the speed-up including the
+search, and recall@m of FastIF with its candidates.
 
 Part 2, parallel s_test. LiSSA with Koh & Liang's settings (scale 25, depth
 5,000, batch 1, damping 0; ``--lissa-*`` to change) and T = ``--lissa-repeats``
@@ -17,8 +21,9 @@ chains for the first test point: the sequential ``LiSSA`` (all chains
 vectorised in one process) against ``ParallelLiSSA`` on a local Dask cluster
 of ``--workers`` single-threaded worker processes, with one chain per task and
 with T / workers chains per task; median wall time over ``--lissa-runs`` solves
-(cluster start-up and worker imports excluded and printed separately; the
-objective is scattered to the workers in every solve, included) and the
+(cluster start-up and worker imports excluded and printed separately; each
+solver sends the curvature and its data to the workers in its first solve,
+included, and reuses them afterwards) and the
 relative difference of the solutions (same seeds: ~1e-16 expected). The
 sequential solver uses this process's torch threads (``--torch-threads``).
 
@@ -61,6 +66,10 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory")
@@ -69,6 +78,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000, help="kNN candidates (default 1000)")
     parser.add_argument("--m", type=int, default=10, help="top-m (default 10)")
     parser.add_argument("--repeats", type=int, default=20, help="timed searches per test point (default 20)")
+    parser.add_argument("--approx-index", choices=["ivf", "hnsw"], default="ivf", help="approximate kNN index (default ivf)")
+    parser.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists (default 4 sqrt(n))")
+    parser.add_argument("--ivf-nprobes", type=_int_list, default=[24, 32, 58],
+                        help="comma-separated IVF lists probed per query, one line each (default 24,32,58)")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree (default 32)")
+    parser.add_argument("--hnsw-ef-construction", type=int, default=128, help="HNSW build beam (default 128)")
+    parser.add_argument("--hnsw-ef-search-values", type=_int_list, default=[64, 2000],
+                        help="comma-separated HNSW search beams, one line each; the beam is max(this, k) (default 64,2000)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of this process (default: torch's own)")
     parser.add_argument("--skip-parallel", action="store_true", help="skip part 2 (parallel s_test)")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
@@ -103,6 +120,29 @@ def main() -> None:
     table = fastif_recall_table(w1.objective, cg, test_batch, selector, test_batch[0], (args.m,), (args.k,), scores=scores, progress=False)
     means = table.mean()
     print(f"recall@{args.m} with k = {args.k}: " + ", ".join(f"{kind} {float(means[a, 0, 0]):.3f}" for a, kind in enumerate(RECALL_KINDS)))
+
+    options = {"hnsw": dict(hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, ef_search=args.hnsw_ef_search),
+               "ivf": dict(nlist=args.ivf_nlist)}[args.approx_index]
+    approximate = KNNCandidateSelector(w1.x_train, args.approx_index, **options)
+    if args.approx_index == "hnsw":
+        settings = [("efSearch", v) for v in args.hnsw_ef_search_values]
+        described = f"IndexHNSWFlat (M {args.hnsw_m}, efConstruction {args.hnsw_ef_construction}; beam max(efSearch, k))"
+    else:
+        settings = [("nprobe", v) for v in args.ivf_nprobes]
+        described = f"IndexIVFFlat ({approximate.nlist} lists)"
+    print(f"\n== the same with an approximate kNN index: {described}, built in {approximate.build_seconds:.1f} s ==")
+    print(f"(per setting: kNN and FastIF times, the full pass timed again, speed-up including the kNN search, "
+          f"recall of the exact {args.k} nearest, recall@{args.m} of FastIF)")
+    for name, value in settings:
+        setattr(approximate, "ef_search" if name == "efSearch" else "nprobe", value)
+        approx = time_speedup(w1, scores, approximate, test_indices, args.k, args.m, args.repeats, progress=False)
+        table = fastif_recall_table(w1.objective, cg, test_batch, approximate, test_batch[0], (args.m,), (args.k,),
+                                    scores=scores, progress=False)
+        means = table.mean()
+        print(f"{name} {value:4d}: kNN {approx['knn_seconds'] * 1e3:6.3f} ms + FastIF {approx['fastif_seconds'] * 1e3:6.3f} ms "
+              f"vs full {approx['full_seconds'] * 1e3:7.3f} ms: {approx['speedup_including_knn']:5.1f}x; "
+              f"neighbour recall {approximate.recall_vs(selector, test_batch[0], args.k):.3f}; recall@{args.m} "
+              + ", ".join(f"{kind} {float(means[a, 0, 0]):.3f}" for a, kind in enumerate(RECALL_KINDS)))
 
     if args.skip_parallel:
         return

@@ -82,6 +82,7 @@ KNOWN_METHODS = (
     "cg",
     "cg-jacobi",
     "cg-nystrom",
+    "cg-kfac",
     "block-cg",
     "lissa",
     "arnoldi",
@@ -167,10 +168,14 @@ def w2_specs(quick: bool) -> list[Spec]:
         Spec("w2", "cg", "fisher", "default", {"rtol": 1e-10}, "rtol 1e-10, empirical Fisher"),
         Spec("w2", "cg", "ggn-blockdiag", "default", {"rtol": 1e-10}, "per layer, CG rtol 1e-10 per block"),
         Spec("w2", "cg", "ggn-blockdiag", "tuned", {"rtol": 1e-6}, "per layer, CG rtol 1e-6 per block"),
-        Spec("w2", "cg-jacobi", "ggn", "default", {"rtol": 1e-10, "probes": 64}, "64 Hutchinson probes"),
-        Spec("w2", "cg-jacobi", "ggn", "tuned", {"rtol": 1e-10, "probes": 256}, "256 Hutchinson probes"),
+        Spec("w2", "cg-jacobi", "ggn", "default", {"rtol": 1e-10, "probes": 64, "maxiter": 400},
+             "64 Hutchinson probes, at most 400 iterations"),
+        Spec("w2", "cg-jacobi", "ggn", "tuned", {"rtol": 1e-10, "ggn_diagonal": True, "maxiter": 400},
+             "exact GGN diagonal (KFACSolver.exact_diagonal), at most 400 iterations"),
         Spec("w2", "cg-nystrom", "ggn", "default", {"rtol": 1e-10, "rank": 100}, "rank 100"),
         Spec("w2", "cg-nystrom", "ggn", "tuned", {"rtol": 1e-10, "rank": 300}, "rank 300"),
+        Spec("w2", "cg-kfac", "ggn", "default", {"rtol": 1e-10, "ekfac": False}, "K-FAC (damping mu) as preconditioner"),
+        Spec("w2", "cg-kfac", "ggn", "tuned", {"rtol": 1e-10, "ekfac": True}, "EK-FAC (damping mu) as preconditioner"),
         Spec("w2", "block-cg", "ggn", "default", {"rtol": 1e-10}, "no preconditioner"),
         Spec("w2", "block-cg", "ggn", "tuned", {"rtol": 1e-10, "nystrom_rank": 100}, "Nystroem rank-100 preconditioner"),
         Spec("w2", "lissa", "ggn", "default",
@@ -449,15 +454,23 @@ def build_solver(ctx: Context, spec: Spec) -> tuple[Any, Any, dict]:
         operator = ctx.operator(curvature)
         if p.get("closed_form_diagonal"):
             pre = _closed_form_jacobi(ctx, mu)
+        elif p.get("ggn_diagonal"):
+            pre = JacobiPreconditioner.from_diagonal(KFACSolver(ctx.torch_objective, chunk_size=1024).exact_diagonal(), mu)
         else:
             pre = JacobiPreconditioner(operator, damping=mu, num_probes=p["probes"], seed=0)
         notes["clamped"] = pre.clamped
-        return ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
+        solver = ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre, maxiter=p.get("maxiter"))
+        return solver, ctx.objective(curvature), notes
     if method == "cg-nystrom":
         operator = ctx.operator(curvature)
         pre = NystromPreconditioner(operator, rank=p["rank"], damping=mu, seed=0)
         notes["lambda_r"] = float(pre.approximation.eigenvalues[-1])
         return ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
+    if method == "cg-kfac":
+        operator = ctx.operator(curvature)
+        kfac = KFACSolver(ctx.torch_objective, damping=mu, eigenvalue_correction=p["ekfac"], chunk_size=1024).fit()
+        solver = ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=kfac.inverse_matvec)
+        return solver, ctx.objective(curvature), notes
     if method == "block-cg":
         operator = ctx.operator(curvature)
         pre = NystromPreconditioner(operator, rank=p["nystrom_rank"], damping=mu, seed=0) if p.get("nystrom_rank") else None

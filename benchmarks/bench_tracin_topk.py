@@ -6,8 +6,13 @@ experiment fastif-recall``), treated as the last linear layer of a model with
 a single checkpoint (eta = 1): ``LastLayerTracIn`` on ``nn.Linear(784, 10,
 bias=False)`` with W1 in float32, so g = p - e_y (10 values), a = x (784
 pixels) and the influence embedding vec(g a^T) has 7,840 float32 entries; the
-TracIn score is <e, e'> = (g . g')(a . a'). ``--proj-dim D`` projects the
-embeddings to D dimensions with a seeded Gaussian (JL) projection.
+TracIn score is <e, e'> = (g . g')(a . a'). ``--model mlp`` instead trains
+the ``tracin-mnist`` experiment's MLP (784-128-10, tanh, float32) by SGD on
+the same 55,000 points, one checkpoint per epoch (``--epochs``, default 5),
+and embeds its last layer ``fc2`` at every checkpoint: 5 x 10 x 129 = 6,450
+entries, the sum over checkpoints of products as one dot product.
+``--proj-dim D`` projects the embeddings to D dimensions with a seeded
+Gaussian (JL) projection.
 
 Printed: time to build the embeddings and indexes, the median query time (ms,
 over ``--repeats`` queries) of the top-k proponents and opponents of test
@@ -58,6 +63,28 @@ def cross_entropy_losses(model_call: Callable[..., torch.Tensor], batch: tuple[t
     return F.cross_entropy(model_call(x), y, reduction="none")
 
 
+def sgd_mlp_tracin(x: torch.Tensor, y: torch.Tensor, epochs: int, hidden: int) -> LastLayerTracIn:
+    """The tracin-mnist experiment's MLP (784-hidden-10, tanh), float32, trained by its SGD on (x, y).
+
+    One checkpoint per epoch (learning rate 0.1, batches of 32, weight decay 1e-3,
+    seed 0: the experiment's defaults); TracIn over the last layer ``fc2`` of all of them.
+    """
+    import tempfile
+
+    from influencekit.experiments.tracin_mnist import MLP, train_sgd
+
+    torch.manual_seed(0)
+    model = MLP(hidden)
+    start = time.perf_counter()
+    directory = Path(tempfile.mkdtemp(prefix="bench_tracin_"))
+    records = train_sgd(model, x, y, epochs=epochs, learning_rate=0.1, batch_size=32, weight_decay=1e-3, seed=0,
+                        checkpoint_dir=directory, progress=False)
+    print(f"MLP 784-{hidden}-10 trained by SGD for {epochs} epochs in {time.perf_counter() - start:.1f} s "
+          f"({epochs} checkpoints, learning rate 0.1 each)")
+    return LastLayerTracIn(model, [r.path for r in records], [r.learning_rate for r in records], cross_entropy_losses,
+                           layer="fc2", chunk_size=2048)
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in milliseconds over ``repeats`` calls (after one warm-up call)."""
     fn()
@@ -73,6 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory")
     parser.add_argument("--train-size", type=int, default=None, help="first N training points only (default: all 55,000)")
+    parser.add_argument("--model", choices=["w1", "mlp"], default="w1",
+                        help="w1: Koh & Liang's logistic regression as a one-checkpoint last layer (default); mlp: the "
+                             "tracin-mnist MLP trained by SGD on the same 55,000 points, last layer over --epochs checkpoints")
+    parser.add_argument("--epochs", type=int, default=5, help="--model mlp: SGD epochs = checkpoints (default 5)")
+    parser.add_argument("--hidden", type=int, default=128, help="--model mlp: hidden units (default 128)")
     parser.add_argument("--test-index", type=int, default=8, help="test point of the timed queries (default 8)")
     parser.add_argument("--k", type=int, default=10, help="proponents/opponents per query (default 10)")
     parser.add_argument("--repeats", type=int, default=100, help="timed queries (default 100)")
@@ -92,10 +124,13 @@ def main() -> None:
     n = w1.objective.n_train
     print(f"W1 fitted on n = {n:,} in {time.perf_counter() - start:.1f} s (||grad R|| = {w1.fit.gradient_norm:.1e})")
 
-    model = nn.Sequential(nn.Linear(784, 10, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(w1.fit.weights.float())
-    tracin = LastLayerTracIn(model, [model.state_dict()], [1.0], cross_entropy_losses, layer="0", chunk_size=2048)
+    if args.model == "w1":
+        model = nn.Sequential(nn.Linear(784, 10, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(w1.fit.weights.float())
+        tracin = LastLayerTracIn(model, [model.state_dict()], [1.0], cross_entropy_losses, layer="0", chunk_size=2048)
+    else:
+        tracin = sgd_mlp_tracin(w1.x_train.float(), w1.y_train, args.epochs, args.hidden)
     projection = None if args.proj_dim == 0 else GaussianProjection(embedding_dim(tracin), args.proj_dim, seed=0)
     start = time.perf_counter()
     train_embeddings = influence_embeddings(tracin, (w1.x_train.float(), w1.y_train), projection)
@@ -118,13 +153,19 @@ def main() -> None:
     print(f"  top-{args.k} proponents of test #{args.test_index}: median {pro_ms:.3f} ms over {args.repeats} queries")
     print(f"  top-{args.k} opponents  of test #{args.test_index}: median {opp_ms:.3f} ms")
     if projection is None:
-        x, y = w1.x_train, w1.y_train
-        g = torch.softmax(x @ w1.fit.weights.T, dim=1)
-        g[torch.arange(n), y] -= 1.0
-        xt, yt = w1.x_test[args.test_index], int(w1.y_test[args.test_index])
-        gt = torch.softmax(w1.fit.weights @ xt, dim=0)
-        gt[yt] -= 1.0
-        exact = (g @ gt) * (x @ xt)  # float64 TracIn scores with the float64 W1
+        if args.model == "w1":
+            x, y = w1.x_train, w1.y_train
+            g = torch.softmax(x @ w1.fit.weights.T, dim=1)
+            g[torch.arange(n), y] -= 1.0
+            xt, yt = w1.x_test[args.test_index], int(w1.y_test[args.test_index])
+            gt = torch.softmax(w1.fit.weights @ xt, dim=0)
+            gt[yt] -= 1.0
+            exact = (g @ gt) * (x @ xt)  # float64 TracIn scores with the float64 W1
+        else:  # the definition sum_c eta_c (g_c . g_c')(a_c . a_c') in float64, from the model's factors
+            train_batch, test_batch = (w1.x_train.float(), w1.y_train), (w1.x_test[queries[:1]].float(), w1.y_test[queries[:1]])
+            in_float64 = LastLayerFactorIndex.from_tracin(tracin, train_batch, dtype=np.float64)
+            exact = torch.from_numpy(in_float64.scores(*LastLayerFactorIndex.query_factors(tracin, test_batch))[0])
+            del in_float64
         found = flat.proponents(query, args.k)
         deviation = np.abs(found.scores[0] - exact[found.ids[0]].numpy()).max() / float(exact.abs().max())
         order = torch.topk(exact, args.k).indices.numpy()

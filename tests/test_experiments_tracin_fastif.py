@@ -50,12 +50,17 @@ def test_tracin_mnist_end_to_end(tmp_path: Path):
             assert set(f.keys()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
-def test_fastif_recall_end_to_end(tmp_path: Path):
+@pytest.mark.parametrize("knn_index", ["flat", "hnsw"])
+def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str):
     out = tmp_path / "fastif"
-    argv = ["experiment", "fastif-recall", "--data-dir", str(SHARED_MNIST), "--out", str(out)]
+    argv = ["experiment", "fastif-recall", "--data-dir", str(SHARED_MNIST), "--out", str(out), "--knn-index", knn_index]
     small = ["--train-size", "1500", "--test-indices", "8,3", "--ks", "100,500", "--speedup-k", "500", "--timing-repeats", "1"]
     assert main([*argv, *small, "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["knn_index"]["kind"] == knn_index
+    if knn_index == "hnsw":  # neighbour recall of the HNSW graph against IndexFlatL2, per k
+        recall = results["knn_index"]["neighbour_recall_vs_flat"]
+        assert set(recall) == {"100", "500"} and all(0.9 <= r <= 1.0 for r in recall.values())
     assert {"config", "model", "test_indices", "s_test", "knn_index", "recall", "speedup"} <= set(results)
     assert results["test_indices"] == [8, 3] and results["model"]["n_train"] == 1500
     assert results["model"]["gradient_norm"] <= 1e-10

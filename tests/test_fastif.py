@@ -91,6 +91,34 @@ def test_knn_candidates_equal_brute_force_l2_neighbours():
     assert all(torch.equal(row.sort().values, torch.arange(300)) for row in everyone)
 
 
+def test_approximate_selectors_against_the_exact_neighbours():
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(2000, 16, generator=g)
+    queries = torch.randn(20, 16, generator=g)
+    exact = KNNCandidateSelector(features)
+    brute = (torch.cdist(queries.double(), features.double()) ** 2).argsort(dim=1)[:, :50]
+    every_list = KNNCandidateSelector(features, "ivf", nlist=8, nprobe=8)  # scans all lists: exact
+    assert torch.equal(every_list.candidates(queries, 50), brute)
+    assert every_list.recall_vs(exact, queries, 50) == 1.0
+    hnsw = KNNCandidateSelector(features, "hnsw", hnsw_m=16, ef_construction=64)
+    recall = hnsw.recall_vs(exact, queries, 50)
+    manual = np.mean([np.isin(brute[j].numpy(), hnsw.candidates(queries, 50)[j].numpy()).mean() for j in range(20)])
+    assert recall == pytest.approx(manual) and 0.8 <= recall <= 1.0
+    few_lists = KNNCandidateSelector(features, "ivf", nlist=64, nprobe=1)
+    assert few_lists.recall_vs(exact, queries, 5) < 1.0  # one list of 64 misses some neighbours
+    with pytest.raises(RuntimeError, match="raise nprobe"):
+        few_lists.candidates(queries, 1000)  # one list holds ~31 points
+    few_lists.nprobe = 64  # a search-time setting: every list, so exact
+    assert torch.equal(few_lists.candidates(queries, 50), brute)
+    few_lists.nprobe = 65
+    with pytest.raises(ValueError, match="nprobe"):
+        few_lists.candidates(queries, 5)
+    with pytest.raises(ValueError, match="exact 'flat'"):
+        exact.recall_vs(hnsw, queries, 5)
+    with pytest.raises(ValueError, match="nlist"):
+        KNNCandidateSelector(features[:10], "ivf", nlist=64)
+
+
 def test_knn_selector_rejects_bad_arguments():
     selector = KNNCandidateSelector(np.random.default_rng(0).standard_normal((20, 4)))
     assert selector.n_train == 20 and selector.dim == 4

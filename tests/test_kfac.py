@@ -7,7 +7,7 @@ from torch import nn
 from influencekit import TorchObjective
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.persistence import save_tensors
-from influencekit.solvers import NotPositiveDefiniteError
+from influencekit.solvers import ConjugateGradient, JacobiPreconditioner, NotPositiveDefiniteError
 from influencekit.solvers.kfac import KFACSolver, SingularKFACError
 
 DT = torch.float64
@@ -133,6 +133,18 @@ def test_ekfac_is_exact_diagonal_in_eigenbasis_and_no_worse_than_kfac(kind, loss
     assert (dense_ekfac - exact).norm() <= (dense_kfac - exact).norm()
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "squared_error"])
+@pytest.mark.parametrize("kind,params", [("mlp", None), ("mlp", REORDERED_MLP), ("conv", None), ("conv_same", None)])
+def test_exact_diagonal_is_the_ggn_diagonal(kind, params, loss):
+    objective, x, y = make_objective(kind, loss, n=11, weight_decay=0.07, params=params, chunk_size=4)
+    exact = explicit_ggn(objective, x, y)
+    diagonal = KFACSolver(objective, chunk_size=3).exact_diagonal()
+    torch.testing.assert_close(diagonal, exact.diagonal(), rtol=1e-10, atol=1e-13)
+    jacobi = JacobiPreconditioner.from_diagonal(diagonal, damping=0.2)
+    reference = JacobiPreconditioner(DenseOperator(exact), damping=0.2, exact=True)
+    torch.testing.assert_close(jacobi.inverse, reference.inverse, rtol=1e-10, atol=0)
+
+
 def test_ekfac_equals_kfac_for_one_example():
     objective, _, _ = make_objective("mlp", "cross_entropy", n=1, weight_decay=0.1)
     torch.testing.assert_close(
@@ -159,6 +171,17 @@ def test_solve_matches_explicit_inverse(correction, damping, params):
     assert result.residual_norms is None
     assert ((result.solution - expected).norm(dim=1) / expected.norm(dim=1)).max() <= 1e-10
     torch.testing.assert_close(solver.matvec(result.solution, damped=True), rhs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("correction", [False, True])
+def test_kfac_preconditioned_cg_reaches_the_exact_ggn_solve(correction):
+    objective, x, y = make_objective("mlp", "cross_entropy", n=40, weight_decay=0.01)
+    exact = explicit_ggn(objective, x, y)
+    rhs = torch.randn(3, objective.dim, generator=torch.Generator().manual_seed(4), dtype=DT)
+    expected = torch.linalg.solve(exact + 0.02 * torch.eye(objective.dim, dtype=DT), rhs.T).T
+    preconditioner = KFACSolver(objective, damping=0.02, eigenvalue_correction=correction).inverse_matvec
+    result = ConjugateGradient(DenseOperator(exact), damping=0.02, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
+    assert ((result.solution - expected).norm(dim=1) / expected.norm(dim=1)).max() <= 1e-8
 
 
 @pytest.mark.parametrize("kind", ["conv", "conv_full"])

@@ -58,6 +58,10 @@ def test_an_existing_client_and_blocks_of_chains(problem):
             parallel = solver.solve(rhs)
             assert relative_difference(parallel.solution, sequential.solution) <= 1e-12
             assert len(parallel.info["tasks"]) == 6 // chains_per_task
+            scattered = solver._scattered
+            again = solver.solve(2 * rhs)  # a second solve reuses the curvature already on the workers
+            assert solver._scattered is scattered
+            assert relative_difference(again.solution, 2 * sequential.solution) <= 1e-12
         assert client.status == "running"  # the solver leaves a given client open
 
 

@@ -7,9 +7,10 @@ FastIF (Guo et al. 2021) runs the chains asynchronously on separate workers and
 synchronises once, averaging them with an all-reduce. :class:`ParallelLiSSA`
 does that on a Dask cluster:
 
-1. the curvature (which holds the objective and its training data) and the
-   right-hand sides are sent to every worker once (``scatter`` with
-   ``broadcast=True``), not once per task;
+1. the curvature (which holds the objective and its training data) is sent
+   to every worker once (``scatter`` with ``broadcast=True``), not once per
+   task, and, with a given ``client``, once per solver rather than per solve;
+   the right-hand sides once per solve;
 2. each task runs a block of ``chains_per_task`` consecutive chains,
    ``LiSSA(..., repeats=chains_per_task, first_repeat=r, seed=seed)``, and
    returns the *sum* of their solutions (h_J / scale per chain);
@@ -124,9 +125,8 @@ _Partial = tuple[Tensor, list[ChainTiming]]
 """A partial sum of chain solutions (k, p) and the timings of the chains it includes."""
 
 
-def _run_chains(payload: tuple[HessianOperator, Tensor, _Settings], first_repeat: int, repeats: int) -> _Partial:
+def _run_chains(curvature: HessianOperator, rhs: Tensor, settings: _Settings, first_repeat: int, repeats: int) -> _Partial:
     """Task body: chains first_repeat .. first_repeat + repeats - 1; returns the sum of their solutions."""
-    curvature, rhs, settings = payload
     solver = LiSSA(
         curvature,
         scale=settings.scale,
@@ -182,7 +182,9 @@ class ParallelLiSSA(IHVPSolver):
         scheduler_address: an existing Dask scheduler to use instead of a
             local cluster; its workers must be able to import influencekit.
         client: an existing :class:`distributed.Client` (not closed by the solver);
-            saves the cluster start-up on repeated solves.
+            saves the cluster start-up on repeated solves, and the curvature is
+            sent to its workers on the first solve only (build a new solver
+            after changing the objective).
         chains_per_task: consecutive chains per task (vectorised within the
             task); must divide ``repeats``.
         measure_residual: compute ||(H + damping I) x - b|| with one full pass on the client.
@@ -231,6 +233,7 @@ class ParallelLiSSA(IHVPSolver):
         self.chains_per_task = chains_per_task
         self.measure_residual = measure_residual
         self.progress = progress
+        self._scattered: Future | None = None  # the curvature on the workers of self.client
 
     def _settings(self) -> _Settings:
         return _Settings(self.scale, self.damping, self.depth, self.batch_size, self.seed)
@@ -260,13 +263,12 @@ class ParallelLiSSA(IHVPSolver):
         """
         start = time.perf_counter()
         b = check_directions(rhs, self.curvature.dim, "rhs").to(self.curvature.dtype)
-        payload = (self.curvature, b, self._settings())
         timings: dict[str, float] = {}
         if self.client is None and self.scheduler_address is None and self.workers == 0:
             timings.update(startup_seconds=0.0, scatter_seconds=0.0)
-            total, tasks = self._solve_in_process(payload)
+            total, tasks = self._solve_in_process(b)
         else:
-            total, tasks = self._solve_on_dask(payload, timings)
+            total, tasks = self._solve_on_dask(b, timings)
         solution = total / self.repeats
         seconds = time.perf_counter() - start
         residuals = None
@@ -283,18 +285,28 @@ class ParallelLiSSA(IHVPSolver):
         iterations = torch.full((b.shape[0],), self.depth * self.repeats)
         return SolveResult(solution, residuals, iterations, time.perf_counter() - start, info)
 
-    def _solve_in_process(self, payload: tuple[HessianOperator, Tensor, _Settings]) -> _Partial:
+    def _solve_in_process(self, rhs: Tensor) -> _Partial:
         partials = []
+        settings = self._settings()
         with self._bar() as bar:
             for first, count in self._blocks():
-                partials.append(_run_chains(payload, first, count))
+                partials.append(_run_chains(self.curvature, rhs, settings, first, count))
                 bar.update(count)
         while len(partials) > 1:
             paired = [_add(partials[i], partials[i + 1]) for i in range(0, len(partials) - 1, 2)]
             partials = paired + partials[len(partials) - len(partials) % 2 :]
         return partials[0]
 
-    def _solve_on_dask(self, payload: tuple[HessianOperator, Tensor, _Settings], timings: dict[str, float]) -> _Partial:
+    def _curvature_on(self, client: Client) -> Future:
+        """The curvature broadcast to every worker of ``client``; kept across solves for a given client."""
+        if client is self.client and self._scattered is not None and self._scattered.status == "finished":
+            return self._scattered
+        [shared] = client.scatter([self.curvature], broadcast=True, hash=False)
+        if client is self.client:
+            self._scattered = shared
+        return shared
+
+    def _solve_on_dask(self, rhs: Tensor, timings: dict[str, float]) -> _Partial:
         with contextlib.ExitStack() as stack:
             begin = time.perf_counter()
             if self.client is not None:
@@ -308,10 +320,13 @@ class ParallelLiSSA(IHVPSolver):
             client.run(_warm_up)
             timings["startup_seconds"] = time.perf_counter() - begin
             begin = time.perf_counter()
-            [shared] = client.scatter([payload], broadcast=True, hash=False)
+            curvature = self._curvature_on(client)
+            [shared_rhs] = client.scatter([rhs], broadcast=True, hash=False)
             timings["scatter_seconds"] = time.perf_counter() - begin
             begin = time.perf_counter()
-            chains = [client.submit(_run_chains, shared, first, count, pure=False) for first, count in self._blocks()]
+            settings = self._settings()
+            chains = [client.submit(_run_chains, curvature, shared_rhs, settings, first, count, pure=False)
+                      for first, count in self._blocks()]
             level: list[Future] = list(chains)
             while len(level) > 1:
                 paired = [client.submit(_add, level[i], level[i + 1], pure=False) for i in range(0, len(level) - 1, 2)]

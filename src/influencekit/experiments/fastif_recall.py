@@ -10,8 +10,10 @@ CG on the exact Hessian. For each test point:
 
 * ground truth: I_up,loss of all n training points (:meth:`InfluenceFunction.scores`);
 * FastIF: the k nearest training points by L2 distance between the inputs x
-  (the features of a linear model), an exact FAISS ``IndexFlatL2``, scored
-  exactly from the same s_test (:mod:`influencekit.fastif`);
+  (the features of a linear model), from an exact FAISS ``IndexFlatL2`` or
+  (``--knn-index hnsw``) an approximate ``IndexHNSWFlat`` whose neighbour
+  recall against the exact index is reported, scored exactly from the same
+  s_test (:mod:`influencekit.fastif`);
 * recall@m of FastIF's top-m among the k candidates against the true top-m,
   for the most helpful (most negative I_up,loss), most harmful (most positive)
   and most influential (largest |I_up,loss|) points, averaged over test points;
@@ -146,6 +148,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup-m", type=int, default=10, help="top-m of the timed search (default 10)")
     parser.add_argument("--timing-repeats", type=int, default=5, help="timed runs per test point; medians are reported (default 5)")
     parser.add_argument("--cg-rtol", type=float, default=1e-10, help="relative residual of the CG solve of s_test (default 1e-10)")
+    parser.add_argument("--knn-index", choices=["flat", "hnsw"], default="flat",
+                        help="kNN index over the inputs: exact IndexFlatL2 (default) or approximate IndexHNSWFlat "
+                             "(its neighbour recall against the exact index is reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the default test indices")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -272,7 +277,15 @@ def run(args: argparse.Namespace) -> int:
     begin = time.perf_counter()
     scores = InfluenceFunction(w1.objective, solver).scores(test_batch)
     full_seconds = time.perf_counter() - begin
-    selector = KNNCandidateSelector(w1.x_train)
+    selector = KNNCandidateSelector(w1.x_train, args.knn_index)
+    knn_index = {"kind": args.knn_index, "features": "inputs x (784)", "build_seconds": selector.build_seconds}
+    if args.knn_index != "flat":
+        exact = KNNCandidateSelector(w1.x_train)
+        knn_index["neighbour_recall_vs_flat"] = {
+            str(k): selector.recall_vs(exact, test_batch[0], k) for k in sorted({*args.ks, args.speedup_k})
+        }
+        print(f"{args.knn_index} index built in {selector.build_seconds:.1f} s; recall of the k nearest against the exact "
+              f"index: " + ", ".join(f"k = {k}: {r:.3f}" for k, r in knn_index["neighbour_recall_vs_flat"].items()), flush=True)
     table = fastif_recall_table(
         w1.objective, solver, test_batch, selector, test_batch[0], args.ms, args.ks, scores=scores, progress=progress
     )
@@ -306,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
             "relative_residuals": relative.tolist() if relative is not None else None,
             "solve_and_full_scoring_seconds": full_seconds,
         },
-        "knn_index": {"kind": "faiss.IndexFlatL2", "features": "inputs x (784)", "build_seconds": selector.build_seconds},
+        "knn_index": knn_index,
         "recall": table.as_dict(),
         "speedup": speedup,
         "seconds_total": time.perf_counter() - start,

@@ -408,6 +408,32 @@ class KFACSolver(IHVPSolver):
         self.fit_seconds = time.perf_counter() - start
         return self
 
+    def exact_diagonal(self) -> Tensor:
+        """The exact diagonal of the GGN plus weight decay, (1/n) sum_i sum_c (J_i^T l_ic)^2 + lambda, shape (p,).
+
+        One pass over the data with the same statistics as the fit: per layer, the squared
+        pseudo-gradients G_ic = sum_t s_ict a_it^T summed over examples and seeds (EK-FAC's
+        correction in the standard basis). Exact for every supported layer, convolutions
+        included; independent of the fitted factors and of ``damping``. A Jacobi
+        preconditioner for CG: ``JacobiPreconditioner.from_diagonal(solver.exact_diagonal(), damping)``.
+        """
+        options = {"dtype": self.dtype, "device": self.device}
+        sums = {layer.name: torch.zeros(layer.out_features, layer.columns, **options) for layer in self.layers}
+        identities = {
+            layer.name: (torch.eye(layer.columns, **options), torch.eye(layer.out_features, **options))
+            for layer in self.layers
+        }
+        n = 0
+        for batch in self._batches():
+            size, stats = self._layer_statistics(batch)
+            n += size
+            for name, (a, s) in stats.items():
+                sums[name] += _rotated_squares(a, s, *identities[name])
+        diagonal = torch.full((self.dim,), self.objective.weight_decay, **options)
+        for layer in self.layers:
+            diagonal[layer.theta_indices()] += (sums[layer.name] / n).reshape(-1)
+        return diagonal
+
     def _fitted(self) -> dict[str, KFACFactors]:
         if self.factors is None:
             self.fit()

@@ -87,6 +87,18 @@ class JacobiPreconditioner:
         ]
         return torch.cat(parts)
 
+    @classmethod
+    def from_diagonal(cls, diagonal: Tensor, damping: float = 0.0) -> JacobiPreconditioner:
+        """A preconditioner from a diagonal of M computed elsewhere (shape (p,), undamped), e.g. the
+        exact GGN diagonal of :meth:`~influencekit.solvers.kfac.KFACSolver.exact_diagonal`."""
+        if diagonal.dim() != 1:
+            raise ValueError(f"diagonal must have shape (p,), got {tuple(diagonal.shape)}")
+        preconditioner = cls.__new__(cls)
+        preconditioner.num_probes, preconditioner.seed, preconditioner.exact = 0, 0, True
+        preconditioner.setup_seconds = 0.0
+        preconditioner._set_state(diagonal.detach().clone(), float(damping))
+        return preconditioner
+
     def _set_state(self, diagonal: Tensor, damping: float) -> None:
         self.diagonal, self.damping, self.dim = diagonal, damping, diagonal.shape[0]
         damped = diagonal + damping

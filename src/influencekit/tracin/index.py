@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 from torch import Tensor
 
-__all__ = ["IndexKind", "InnerProductIndex", "RecallReport", "SearchResult", "recall_at_k"]
+__all__ = ["IndexKind", "InnerProductIndex", "RecallReport", "SearchResult", "make_faiss_index", "recall_at_k"]
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 
@@ -97,9 +97,45 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
         raise ValueError(f"expected two arrays of the same shape (n_queries, k), got {approx.shape} and {exact.shape}")
     if exact.shape[0] == 0 or exact.shape[1] == 0:
         raise ValueError("recall needs at least one query and k >= 1")
-    valid = exact >= 0
-    hits = (approx[:, :, None] == exact[:, None, :]) & valid[:, None, :]
-    return float(hits.any(axis=2).sum() / exact.size)
+    hits = sum(int(np.isin(row[row >= 0], found).sum()) for row, found in zip(exact, approx))
+    return hits / exact.size
+
+
+def make_faiss_index(
+    dim: int,
+    kind: IndexKind,
+    metric: int,
+    *,
+    hnsw_m: int,
+    ef_construction: int,
+    ef_search: int,
+    nlist: int,
+    nprobe: int,
+) -> faiss.Index:
+    """An empty FAISS index of ``kind`` for ``metric`` (``faiss.METRIC_INNER_PRODUCT`` or ``faiss.METRIC_L2``).
+
+    ``"flat"``: exact; ``"hnsw"``: ``IndexHNSWFlat`` (graph degree ``hnsw_m``, beam
+    widths ``ef_construction`` and ``ef_search``); ``"ivf"``: ``IndexIVFFlat`` over a flat
+    coarse quantizer with ``nlist`` lists, ``nprobe`` visited per query (train before adding).
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if kind == "flat":
+        return faiss.IndexFlat(dim, metric)
+    if kind == "hnsw":
+        if hnsw_m < 2 or ef_construction < 1 or ef_search < 1:
+            raise ValueError(f"need hnsw_m >= 2, ef_construction >= 1, ef_search >= 1; got {hnsw_m}, {ef_construction}, {ef_search}")
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, metric)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+        return index
+    if kind == "ivf":
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"need 1 <= nprobe <= nlist, got nprobe={nprobe}, nlist={nlist}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, nlist, metric)
+        index.nprobe = nprobe
+        return index
+    raise ValueError(f"kind must be 'flat', 'hnsw' or 'ivf', got {kind!r}")
 
 
 class InnerProductIndex:
@@ -125,26 +161,12 @@ class InnerProductIndex:
         nlist: int = 64,
         nprobe: int = 8,
     ) -> None:
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = int(dim)
         self.kind: IndexKind = kind
-        if kind == "flat":
-            self._index = faiss.IndexFlatIP(self.dim)
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = ef_construction
-            index.hnsw.efSearch = ef_search
-            self._index = index
-        elif kind == "ivf":
-            if not 1 <= nprobe <= nlist:
-                raise ValueError(f"need 1 <= nprobe <= nlist, got nprobe={nprobe}, nlist={nlist}")
-            self._quantizer = faiss.IndexFlatIP(self.dim)  # must outlive the IVF index
-            index = faiss.IndexIVFFlat(self._quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.nprobe = nprobe
-            self._index = index
-        else:
-            raise ValueError(f"kind must be 'flat', 'hnsw' or 'ivf', got {kind!r}")
+        self._index = make_faiss_index(
+            self.dim, kind, faiss.METRIC_INNER_PRODUCT, hnsw_m=hnsw_m, ef_construction=ef_construction,
+            ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+        )
 
     @property
     def ntotal(self) -> int:
