@@ -121,8 +121,10 @@ def main() -> None:
     means = table.mean()
     print(f"recall@{args.m} with k = {args.k}: " + ", ".join(f"{kind} {float(means[a, 0, 0]):.3f}" for a, kind in enumerate(RECALL_KINDS)))
 
-    options = {"hnsw": dict(hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction, ef_search=args.hnsw_ef_search),
-               "ivf": dict(nlist=args.ivf_nlist)}[args.approx_index]
+    if args.approx_index == "hnsw":
+        options = dict(hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
+    else:
+        options = dict(nlist=args.ivf_nlist)
     approximate = KNNCandidateSelector(w1.x_train, args.approx_index, **options)
     if args.approx_index == "hnsw":
         settings = [("efSearch", v) for v in args.hnsw_ef_search_values]

@@ -256,8 +256,8 @@ def _softmax_dots(objective: SoftmaxRegressionObjective, indices: Tensor, s_test
     training probabilities), g_i^T s = r_i^T S x_i + lambda theta^T s.
     """
     weights = s_test.reshape(objective.num_classes, objective.num_features)
-    # (k, C): S x_i. Torch's kernels, in this orientation: 2-5x faster here than x_c @ S^T or OpenBLAS
-    # right after the torch gather (measured with k = 1,000 on W1)
+    # (k, C): S x_i, in the orientation measured fastest on W1 with k = 1,000 (about 1.2 ms, against 1.7 ms
+    # for x_c @ S^T and 8 ms through OpenBLAS right after torch's gather)
     projected = (weights @ objective.inputs.index_select(0, indices).T).T
     probabilities = objective.probs.index_select(0, indices)
     label_terms = projected.gather(1, objective.targets.index_select(0, indices).unsqueeze(1)).squeeze(1)
