@@ -50,14 +50,23 @@ def test_tracin_mnist_end_to_end(tmp_path: Path):
             assert set(f.keys()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
-@pytest.mark.parametrize("knn_index", ["flat", "hnsw"])
-def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str):
+@pytest.mark.parametrize("knn_index,timed_index", [("flat", "ivf"), ("hnsw", "none")])
+def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str, timed_index: str):
     out = tmp_path / "fastif"
     argv = ["experiment", "fastif-recall", "--data-dir", str(SHARED_MNIST), "--out", str(out), "--knn-index", knn_index]
     small = ["--train-size", "1500", "--test-indices", "8,3", "--ks", "100,500", "--speedup-k", "500", "--timing-repeats", "1"]
-    assert main([*argv, *small, "--no-progress"]) == 0
+    timed = ["--timed-index", timed_index, "--ivf-nprobe", "120"]  # 120 of the 155 lists: enough to fill k = 500
+    assert main([*argv, *small, *timed, "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["knn_index"]["kind"] == knn_index
+    approximate = results["speedup_approximate"]
+    if timed_index == "none":
+        assert approximate is None
+    else:
+        assert approximate["kind"] == "ivf" and (approximate["nlist"], approximate["nprobe"]) == (155, 120)
+        assert 0.5 <= approximate["neighbour_recall"] <= 1.0 and approximate["speedup_including_knn"] > 0
+        assert set(approximate["recall_at_m"]) == {"helpful", "harmful", "influential"}
+        assert all(0.0 <= r <= 1.0 for r in approximate["recall_at_m"].values())
     if knn_index == "hnsw":  # neighbour recall of the HNSW graph against IndexFlatL2, per k
         recall = results["knn_index"]["neighbour_recall_vs_flat"]
         assert set(recall) == {"100", "500"} and all(0.9 <= r <= 1.0 for r in recall.values())
