@@ -149,7 +149,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ks", type=_int_list, default=[100, 1000, 10000], help="candidate counts k (default 100,1000,10000)")
     parser.add_argument("--speedup-k", type=int, default=1000, help="candidates of the timed FastIF search (default 1000)")
     parser.add_argument("--speedup-m", type=int, default=10, help="top-m of the timed search (default 10)")
-    parser.add_argument("--timing-repeats", type=int, default=5, help="timed runs per test point; medians are reported (default 5)")
+    parser.add_argument("--timing-repeats", type=int, default=20, help="timed runs per test point; medians are reported (default 20)")
     parser.add_argument("--cg-rtol", type=float, default=1e-10, help="relative residual of the CG solve of s_test (default 1e-10)")
     parser.add_argument("--knn-index", choices=["flat", "hnsw"], default="flat",
                         help="kNN index over the inputs: exact IndexFlatL2 (default) or approximate IndexHNSWFlat "
