@@ -127,10 +127,9 @@ class JacobiPreconditioner:
         """Rebuild a saved preconditioner; ``curvature``, if given, is only checked for its dimension."""
         tensors, arguments = load_saved(directory, cls.__name__)
         check_dimension(directory, arguments["dim"], curvature)
-        preconditioner = cls.__new__(cls)
+        preconditioner = cls.from_diagonal(tensors["diagonal"], arguments["damping"])
         preconditioner.num_probes, preconditioner.seed = arguments["num_probes"], arguments["seed"]
-        preconditioner.exact, preconditioner.setup_seconds = arguments["exact"], 0.0
-        preconditioner._set_state(tensors["diagonal"], arguments["damping"])
+        preconditioner.exact = arguments["exact"]
         return preconditioner
 
 
