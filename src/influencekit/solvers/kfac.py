@@ -397,13 +397,9 @@ class KFACSolver(IHVPSolver):
                 eigenvectors_s.contiguous(),
             )
         if self.eigenvalue_correction:
-            sums = {layer.name: torch.zeros(layer.out_features, layer.columns, **options) for layer in self.layers}
-            for batch in self._batches():
-                _, stats = self._layer_statistics(batch)
-                for name, (a, s) in stats.items():
-                    sums[name] += _rotated_squares(a, s, factors[name].eigenvectors_A, factors[name].eigenvectors_S)
-            for layer in self.layers:
-                factors[layer.name].corrected_eigenvalues = (sums[layer.name] / n).contiguous()
+            bases = {name: (f.eigenvectors_A, f.eigenvectors_S) for name, f in factors.items()}
+            for name, mean in self._mean_rotated_squares(bases).items():
+                factors[name].corrected_eigenvalues = mean.contiguous()
         self.factors, self.n_examples = factors, n
         self.fit_seconds = time.perf_counter() - start
         return self
@@ -417,10 +413,19 @@ class KFACSolver(IHVPSolver):
         included; independent of the fitted factors and of ``damping``. A Jacobi
         preconditioner for CG: ``JacobiPreconditioner.from_diagonal(solver.exact_diagonal(), damping)``.
         """
-        options = {"dtype": self.dtype, "device": self.device}
-        sums = {layer.name: torch.zeros(layer.out_features, layer.columns, **options) for layer in self.layers}
-        identities = {
-            layer.name: (torch.eye(layer.columns, **options), torch.eye(layer.out_features, **options))
+        means = self._mean_rotated_squares({layer.name: (None, None) for layer in self.layers})
+        diagonal = torch.full((self.dim,), self.objective.weight_decay, dtype=self.dtype, device=self.device)
+        for layer in self.layers:
+            diagonal[layer.theta_indices()] += means[layer.name].reshape(-1)
+        return diagonal
+
+    def _mean_rotated_squares(self, bases: Mapping[str, tuple[Tensor | None, Tensor | None]]) -> dict[str, Tensor]:
+        """Per layer, (1/n) sum_i sum_c ((Q_S^T G_ic Q_A)[o, j])^2 over one pass, bases {name: (Q_A, Q_S)}, shape (out, columns).
+
+        A basis of None is the standard one (no rotation).
+        """
+        sums = {
+            layer.name: torch.zeros(layer.out_features, layer.columns, dtype=self.dtype, device=self.device)
             for layer in self.layers
         }
         n = 0
@@ -428,11 +433,8 @@ class KFACSolver(IHVPSolver):
             size, stats = self._layer_statistics(batch)
             n += size
             for name, (a, s) in stats.items():
-                sums[name] += _rotated_squares(a, s, *identities[name])
-        diagonal = torch.full((self.dim,), self.objective.weight_decay, **options)
-        for layer in self.layers:
-            diagonal[layer.theta_indices()] += (sums[layer.name] / n).reshape(-1)
-        return diagonal
+                sums[name] += _rotated_squares(a, s, *bases[name])
+        return {name: total / n for name, total in sums.items()}
 
     def _fitted(self) -> dict[str, KFACFactors]:
         if self.factors is None:
@@ -679,10 +681,15 @@ def _batched_backward(outputs: Tensor, layer_outputs: list[Tensor], seeds: Tenso
         return stacked
 
 
-def _rotated_squares(a: Tensor, s: Tensor, eigenvectors_a: Tensor, eigenvectors_s: Tensor, budget: int = 1 << 22) -> Tensor:
-    """sum over seeds r and examples b of (Q_S^T G_rb Q_A)^2, G_rb = sum_t s_rbt a_bt^T; shape (out, columns)."""
-    a_rot = a @ eigenvectors_a  # (B, T, columns)
-    s_rot = s @ eigenvectors_s  # (R, B, T, out)
+def _rotated_squares(
+    a: Tensor, s: Tensor, eigenvectors_a: Tensor | None, eigenvectors_s: Tensor | None, budget: int = 1 << 22
+) -> Tensor:
+    """sum over seeds r and examples b of (Q_S^T G_rb Q_A)^2, G_rb = sum_t s_rbt a_bt^T; shape (out, columns).
+
+    A basis of None is the identity (the squares of G_rb itself).
+    """
+    a_rot = a if eigenvectors_a is None else a @ eigenvectors_a  # (B, T, columns)
+    s_rot = s if eigenvectors_s is None else s @ eigenvectors_s  # (R, B, T, out)
     r, b, t, out = s_rot.shape
     columns = a_rot.shape[2]
     rows = s_rot.reshape(r * b, t, out)
