@@ -42,7 +42,7 @@ import torch
 from distributed import Client
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.experiments.fastif_recall import default_test_indices, fit_w1, time_speedup
+from influencekit.experiments.fastif_recall import _int_list, default_test_indices, fit_w1, time_speedup
 from influencekit.fastif import RECALL_KINDS, KNNCandidateSelector, fastif_recall_table
 from influencekit.influence import InfluenceFunction
 from influencekit.parallel_stest import ParallelLiSSA, local_cluster
@@ -64,10 +64,6 @@ def median_solve(solver: IHVPSolver, rhs: torch.Tensor, runs: int) -> tuple[Solv
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main() -> None:
@@ -122,14 +118,11 @@ def main() -> None:
     print(f"recall@{args.m} with k = {args.k}: " + ", ".join(f"{kind} {float(means[a, 0, 0]):.3f}" for a, kind in enumerate(RECALL_KINDS)))
 
     if args.approx_index == "hnsw":
-        options = dict(hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
-    else:
-        options = dict(nlist=args.ivf_nlist)
-    approximate = KNNCandidateSelector(w1.x_train, args.approx_index, **options)
-    if args.approx_index == "hnsw":
+        approximate = KNNCandidateSelector(w1.x_train, "hnsw", hnsw_m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
         settings = [("efSearch", v) for v in args.hnsw_ef_search_values]
         described = f"IndexHNSWFlat (M {args.hnsw_m}, efConstruction {args.hnsw_ef_construction}; beam max(efSearch, k))"
     else:
+        approximate = KNNCandidateSelector(w1.x_train, "ivf", nlist=args.ivf_nlist)
         settings = [("nprobe", v) for v in args.ivf_nprobes]
         described = f"IndexIVFFlat ({approximate.nlist} lists)"
     print(f"\n== the same with an approximate kNN index: {described}, built in {approximate.build_seconds:.1f} s ==")
