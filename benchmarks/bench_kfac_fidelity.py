@@ -73,13 +73,6 @@ def explicit_output_block(model, x: torch.Tensor) -> torch.Tensor:
     return block / len(a)
 
 
-def kfac_block(solver: KFACSolver, name: str) -> torch.Tensor:
-    """The fitted approximation of layer ``name`` without weight decay or damping (V layout)."""
-    f = solver.factors[name]
-    basis = torch.kron(f.eigenvectors_S, f.eigenvectors_A)
-    return (basis * f.eigenvalues().reshape(-1)) @ basis.T
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data/mnist", help="MNIST directory")
@@ -147,7 +140,7 @@ def main() -> int:
     identity = torch.eye(exact_block.shape[0], dtype=torch.float64)
     x_block = torch.linalg.solve(exact_block + shift * identity, rhs)
     for name, fitted in solvers.items():
-        approx = kfac_block(fitted, layer.name)
+        approx = fitted.factors[layer.name].dense()
         frobenius = float((approx - exact_block).norm() / exact_block.norm())
         x = torch.linalg.solve(approx + shift * identity, rhs)
         print(f"  {name:6s}: relative Frobenius error {frobenius:.3f}; damped inverse on g_test's part: "

@@ -136,6 +136,12 @@ class KFACFactors:
             return self.corrected_eigenvalues
         return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
 
+    def dense(self) -> Tensor:
+        """The layer's approximated GGN block, (out columns) x (out columns) in V's row-major order, without
+        weight decay or damping: (Q_S kron Q_A) diag(eigenvalues) (Q_S kron Q_A)^T."""
+        basis = torch.kron(self.eigenvectors_S, self.eigenvectors_A)
+        return (basis * self.eigenvalues().reshape(-1)) @ basis.T
+
     _NAMES = ("A", "S", "eigenvalues_A", "eigenvectors_A", "eigenvalues_S", "eigenvectors_S", "corrected_eigenvalues")
 
 
@@ -500,9 +506,7 @@ class KFACSolver(IHVPSolver):
         factors = self._fitted()
         dense = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
         for layer in self.layers:
-            f = factors[layer.name]
-            basis = torch.kron(f.eigenvectors_S, f.eigenvectors_A)
-            block = (basis * f.eigenvalues().reshape(-1)) @ basis.T
+            block = factors[layer.name].dense()
             index = layer.theta_indices()
             dense[index.unsqueeze(1), index.unsqueeze(0)] = 0.5 * (block + block.T)
         diagonal = torch.full((self.dim,), self.objective.weight_decay, dtype=self.dtype, device=self.device)
