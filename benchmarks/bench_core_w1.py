@@ -38,7 +38,7 @@ def load_w1(data_dir: Path):
 
 
 def phase_fit(args) -> dict:
-    from influencekit.models.softmax_regression import fit_softmax_regression
+    from influencekit.objectives.softmax_regression import fit_softmax_regression
 
     x, y, _ = load_w1(args.data_dir)
     fit = fit_softmax_regression(x, y, 0.01, num_classes=10)
@@ -47,7 +47,7 @@ def phase_fit(args) -> dict:
 
 
 def objective(args):
-    from influencekit.models.softmax_regression import SoftmaxRegressionObjective
+    from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
 
     x, y, test = load_w1(args.data_dir)
     return SoftmaxRegressionObjective(torch.load(args.work / "weights.pt"), x, y, 0.01), test
@@ -73,7 +73,7 @@ def phase_exact(args) -> dict:
 
 
 def phase_cg(args) -> dict:
-    from influencekit import ConjugateGradient, HessianOperator, InfluenceFunction
+    from influencekit import CGSolver, HessianOperator, InfluenceFunction
     from influencekit.solvers import NystromPreconditioner
 
     obj, test = objective(args)
@@ -85,7 +85,7 @@ def phase_cg(args) -> dict:
         curvature = HessianOperator(obj)
         pre = NystromPreconditioner(curvature, rank=args.nystrom_rank, seed=0) if name == "nystrom_pcg" else None
         setup = time.perf_counter() - start
-        scores = InfluenceFunction(obj, ConjugateGradient(curvature, rtol=args.rtol, maxiter=3000, preconditioner=pre)).scores(test)
+        scores = InfluenceFunction(obj, CGSolver(curvature, rtol=args.rtol, maxiter=3000, preconditioner=pre)).scores(test)
         seconds = time.perf_counter() - start
         row = {"seconds": seconds, "preconditioner_seconds": setup, "iterations": int(scores.inverse_hvp.iterations[0]),
                "relative_residual": float(scores.inverse_hvp.relative_residuals(obj.measurement_gradients(test))[0])}
@@ -98,12 +98,12 @@ def phase_cg(args) -> dict:
 
 
 def phase_lissa(args) -> dict:
-    from influencekit import HessianOperator, InfluenceFunction, LiSSA
+    from influencekit import HessianOperator, InfluenceFunction, LiSSASolver
 
     obj, test = objective(args)
     obj.probs  # noqa: B018
     start = time.perf_counter()
-    solver = LiSSA(HessianOperator(obj), scale=25.0, depth=5000, repeats=10, batch_size=1, seed=0, progress=False, measure_residual=False)
+    solver = LiSSASolver(HessianOperator(obj), scale=25.0, depth=5000, repeats=10, batch_size=1, seed=0, progress=False, measure_residuals=False)
     scores = InfluenceFunction(obj, solver).scores(test)
     seconds = time.perf_counter() - start
     row = {"seconds": seconds}

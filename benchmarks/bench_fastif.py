@@ -18,7 +18,7 @@ search, and recall@m of FastIF with its candidates.
 Part 2, parallel s_test. LiSSA with Koh & Liang's settings (scale 25, depth
 5,000, batch 1, damping 0; ``--lissa-*`` to change) and T = ``--lissa-repeats``
 chains for the first test point: the sequential ``LiSSA`` (all chains
-vectorised in one process) against ``ParallelLiSSA`` on a local Dask cluster
+vectorised in one process) against ``ParallelLiSSASolver`` on a local Dask cluster
 of ``--workers`` single-threaded worker processes, with one chain per task and
 with T / workers chains per task; median wall time over ``--lissa-runs`` solves
 (cluster start-up and worker imports excluded and printed separately; each
@@ -43,15 +43,15 @@ from distributed import Client
 
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.experiments.fastif_recall import _int_list, default_test_indices, fit_w1, time_speedup
-from influencekit.fastif import RECALL_KINDS, KNNCandidateSelector, fastif_recall_table
-from influencekit.influence import InfluenceFunction
-from influencekit.parallel_stest import ParallelLiSSA, local_cluster
-from influencekit.solvers.base import IHVPSolver, SolveResult
-from influencekit.solvers.cg import ConjugateGradient
-from influencekit.solvers.lissa import LiSSA
+from influencekit.scores.fastif import RECALL_KINDS, KNNCandidateSelector, fastif_recall_table
+from influencekit.scores.influence import InfluenceFunction
+from influencekit.solvers.parallel_lissa import ParallelLiSSASolver, local_cluster
+from influencekit.solvers.base import Solver, SolveResult
+from influencekit.solvers.cg import CGSolver
+from influencekit.solvers.lissa import LiSSASolver
 
 
-def median_solve(solver: IHVPSolver, rhs: torch.Tensor, runs: int) -> tuple[SolveResult, float]:
+def median_solve(solver: Solver, rhs: torch.Tensor, runs: int) -> tuple[SolveResult, float]:
     """The last solve and the median wall time (s) of ``runs`` solves."""
     times, result = [], None
     for _ in range(runs):
@@ -101,7 +101,7 @@ def main() -> None:
     print(f"W1 fitted on n = {n:,} in {time.perf_counter() - start:.1f} s (||grad R|| = {w1.fit.gradient_norm:.1e})")
     test_indices = default_test_indices(args.num_test)
     test_batch = (w1.x_test[test_indices], w1.y_test[test_indices])
-    cg = ConjugateGradient(HessianOperator(w1.objective), rtol=1e-10, maxiter=2000)
+    cg = CGSolver(HessianOperator(w1.objective), rtol=1e-10, maxiter=2000)
     scores = InfluenceFunction(w1.objective, cg).scores(test_batch)
     selector = KNNCandidateSelector(w1.x_train)
 
@@ -146,7 +146,7 @@ def main() -> None:
     curvature = HessianOperator(w1.objective)
     rhs = w1.objective.measurement_gradients((test_batch[0][:1], test_batch[1][:1]))
     settings = dict(scale=args.lissa_scale, depth=args.lissa_depth, repeats=t, batch_size=args.lissa_batch, seed=0)
-    sequential, seq_seconds = median_solve(LiSSA(curvature, measure_residual=False, progress=False, **settings), rhs, args.lissa_runs)
+    sequential, seq_seconds = median_solve(LiSSASolver(curvature, measure_residuals=False, progress=False, **settings), rhs, args.lissa_runs)
     print(f"sequential LiSSA (T chains vectorised, 1 process): {seq_seconds:8.2f} s; "
           f"relative difference to CG: {relative_difference(sequential.solution, scores.inverse_hvp.solution[:1]):.2e}")
     begin = time.perf_counter()
@@ -156,7 +156,7 @@ def main() -> None:
         for per_task in sorted({1, max(1, t // args.workers)}):
             if t % per_task:
                 continue
-            solver = ParallelLiSSA(curvature, client=client, chains_per_task=per_task, measure_residual=False, progress=False, **settings)
+            solver = ParallelLiSSASolver(curvature, client=client, chains_per_task=per_task, measure_residuals=False, progress=False, **settings)
             parallel, par_seconds = median_solve(solver, rhs, args.lissa_runs)
             chain = parallel.info["chain_seconds"]
             print(f"parallel, {per_task} chain(s) per task: {par_seconds:8.2f} s (scatter {parallel.info['scatter_seconds']:.2f} s, "

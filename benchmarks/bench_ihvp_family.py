@@ -171,7 +171,7 @@ def w2_specs(quick: bool) -> list[Spec]:
         Spec("w2", "cg-jacobi", "ggn", "default", {"rtol": 1e-10, "probes": 64, "maxiter": 400},
              "64 Hutchinson probes, at most 400 iterations"),
         Spec("w2", "cg-jacobi", "ggn", "tuned", {"rtol": 1e-10, "ggn_diagonal": True, "maxiter": 400},
-             "exact GGN diagonal (KFACSolver.exact_diagonal), at most 400 iterations"),
+             "exact GGN diagonal (KFACCurvature.exact_diagonal), at most 400 iterations"),
         Spec("w2", "cg-nystrom", "ggn", "default", {"rtol": 1e-10, "rank": 100}, "rank 100"),
         Spec("w2", "cg-nystrom", "ggn", "tuned", {"rtol": 1e-10, "rank": 300}, "rank 300"),
         Spec("w2", "cg-kfac", "ggn", "default", {"rtol": 1e-10, "ekfac": False}, "K-FAC (damping mu) as preconditioner"),
@@ -319,7 +319,7 @@ class Context:
         self.closed = None
         self.model = None
         if self.name == "w1":
-            from influencekit.models.softmax_regression import SoftmaxRegressionObjective
+            from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
 
             loaded = _load(w1_weights_path(cfg))
             if loaded is None:
@@ -348,7 +348,7 @@ class Context:
             import torch
             from torch import nn
 
-            from influencekit.torch_objective import TorchObjective
+            from influencekit.objectives.torch_objective import TorchObjective
 
             if self.name == "w1":
                 model = nn.Linear(784, 10, bias=False).double()
@@ -419,16 +419,17 @@ def build_solver(ctx: Context, spec: Spec) -> tuple[Any, Any, dict]:
     from influencekit.curvature import blocks_per_module
     from influencekit.solvers import (
         ArnoldiSolver,
-        BlockConjugateGradient,
-        ConjugateGradient,
+        BlockCGSolver,
+        CGSolver,
         DataInfSolver,
         DirectSolver,
         JacobiPreconditioner,
         KFACSolver,
-        LiSSA,
+        LiSSASolver,
         NystromPreconditioner,
         NystromSketchSolver,
     )
+    from influencekit.curvature import KFACCurvature
     from influencekit.solvers.block_diagonal import BlockDiagonalSolver
 
     p, mu, wd = spec.params, ctx.damping, ctx.weight_decay
@@ -440,48 +441,48 @@ def build_solver(ctx: Context, spec: Spec) -> tuple[Any, Any, dict]:
         operator = ctx.operator(curvature)
         blocks = blocks_per_module(ctx.model, ctx.torch_objective.space)
         notes["blocks"] = {name: int(index.numel()) for name, index in blocks.items()}
-        solver = BlockDiagonalSolver(operator, blocks, lambda block, name: ConjugateGradient(block, rtol=p["rtol"]), damping=mu)
+        solver = BlockDiagonalSolver(operator, blocks=blocks, make_solver=lambda block, name: CGSolver(block, rtol=p["rtol"]), damping=mu)
         return solver, ctx.torch_objective, notes
     if method == "cg":
-        return ConjugateGradient(ctx.operator(curvature), damping=mu, rtol=p["rtol"]), ctx.objective(curvature), notes
+        return CGSolver(ctx.operator(curvature), damping=mu, rtol=p["rtol"]), ctx.objective(curvature), notes
     if method == "cg-jacobi":
         operator = ctx.operator(curvature)
         if p.get("closed_form_diagonal"):
             pre = _closed_form_jacobi(ctx, mu)
         elif p.get("ggn_diagonal"):
-            pre = JacobiPreconditioner.from_diagonal(KFACSolver(ctx.torch_objective, chunk_size=1024).exact_diagonal(), mu)
+            pre = JacobiPreconditioner.from_diagonal(KFACCurvature(ctx.torch_objective, chunk_size=1024).exact_diagonal(), mu)
         else:
             pre = JacobiPreconditioner(operator, damping=mu, num_probes=p["probes"], seed=0)
         notes["clamped"] = pre.clamped
-        solver = ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre, maxiter=p.get("maxiter"))
+        solver = CGSolver(operator, damping=mu, rtol=p["rtol"], preconditioner=pre, maxiter=p.get("maxiter"))
         return solver, ctx.objective(curvature), notes
     if method == "cg-nystrom":
         operator = ctx.operator(curvature)
         pre = NystromPreconditioner(operator, rank=p["rank"], damping=mu, seed=0)
         notes["lambda_r"] = float(pre.approximation.eigenvalues[-1])
-        return ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
+        return CGSolver(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
     if method == "cg-kfac":
         operator = ctx.operator(curvature)
         kfac = KFACSolver(ctx.torch_objective, damping=mu, eigenvalue_correction=p["ekfac"], chunk_size=1024).fit()
-        solver = ConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=kfac.inverse_matvec)
+        solver = CGSolver(operator, damping=mu, rtol=p["rtol"], preconditioner=kfac.inverse_matvec)
         return solver, ctx.objective(curvature), notes
     if method == "block-cg":
         operator = ctx.operator(curvature)
         pre = NystromPreconditioner(operator, rank=p["nystrom_rank"], damping=mu, seed=0) if p.get("nystrom_rank") else None
-        return BlockConjugateGradient(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
+        return BlockCGSolver(operator, damping=mu, rtol=p["rtol"], preconditioner=pre), ctx.objective(curvature), notes
     if method == "lissa":
-        solver = LiSSA(ctx.operator(curvature), scale=p["scale"], damping=mu, depth=p["depth"], repeats=p["repeats"],
-                       batch_size=p["batch_size"], seed=0, measure_residual=False, progress=False)
+        solver = LiSSASolver(ctx.operator(curvature), scale=p["scale"], damping=mu, depth=p["depth"], repeats=p["repeats"],
+                       batch_size=p["batch_size"], seed=0, measure_residuals=False, progress=False)
         notes["scale"] = solver.scale
         return solver, ctx.objective(curvature), notes
     if method == "arnoldi":
-        solver = ArnoldiSolver(ctx.operator(curvature), rank=p["rank"], krylov_dim=p.get("krylov_dim"), damping=mu, seed=0)
-        solver.curvature = None  # no residual pass inside solve
+        solver = ArnoldiSolver(ctx.operator(curvature), rank=p["rank"], krylov_dim=p.get("krylov_dim"), damping=mu, seed=0,
+                               measure_residuals=False)  # no residual pass inside solve
         notes.update(krylov_dim=solver.krylov_dim, **solver.fit_info)
         return solver, ctx.objective(curvature), notes
     if method == "nystrom-sketch":
-        solver = NystromSketchSolver(_data_term(ctx.operator(curvature), wd), rank=p["rank"], damping=wd + mu, seed=0)
-        solver.curvature = None
+        solver = NystromSketchSolver(_data_term(ctx.operator(curvature), wd), rank=p["rank"], damping=wd + mu, seed=0,
+                                     measure_residuals=False)
         return solver, ctx.objective(curvature), notes
     if method in ("kfac", "ekfac"):
         solver = KFACSolver(ctx.torch_objective, damping=mu, eigenvalue_correction=method == "ekfac", chunk_size=p["chunk_size"])
@@ -499,14 +500,14 @@ def build_solver(ctx: Context, spec: Spec) -> tuple[Any, Any, dict]:
                 blocks[name] = slice(start, stop)
         damping = {"weight_decay": wd, "wd+mu": wd + mu}.get(p.get("damping"), p.get("damping"))
         solver = DataInfSolver(objective, damping=damping, blocks=blocks, chunk_size=p.get("chunk_size", 1024),
-                               measure_residual=False)
+                               measure_residuals=False)
         notes["block_damping"] = [float(f"{d:.3g}") for d in solver.block_damping]
         return solver, objective, notes
     raise ValueError(f"unknown method {method!r}")
 
 
 def run_method(ctx: Context, spec: Spec) -> dict[str, Any]:
-    from influencekit.influence import InfluenceFunction
+    from influencekit.scores.influence import InfluenceFunction
 
     baseline = peak_mb()
     out: dict[str, Any] = {"baseline_mb": baseline}
@@ -572,7 +573,7 @@ def compare(ctx: Context, spec: Spec, x, scores) -> dict[str, Any]:
 def prepare(cfg: dict) -> dict[str, Any]:
     import torch
 
-    from influencekit.influence import InfluenceFunction
+    from influencekit.scores.influence import InfluenceFunction
 
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -580,7 +581,7 @@ def prepare(cfg: dict) -> dict[str, Any]:
     info["load_s"] = time.perf_counter() - t0
     if cfg["name"] == "w1":
         from influencekit.curvature import HessianOperator
-        from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+        from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
         from influencekit.solvers import DirectSolver
 
         path = w1_weights_path(cfg)
@@ -619,8 +620,8 @@ def prepare(cfg: dict) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from influencekit.curvature import GaussNewtonOperator, HessianOperator
-    from influencekit.solvers import ConjugateGradient
-    from influencekit.torch_objective import TorchObjective
+    from influencekit.solvers import CGSolver
+    from influencekit.objectives.torch_objective import TorchObjective
 
     path = w2_model_path(cfg)
     cached = _load(path)
@@ -675,7 +676,7 @@ def prepare(cfg: dict) -> dict[str, Any]:
         log(f"w2: reference = CG on the damped {kind.upper()} (damping {cfg['damping']:g}, rtol {REFERENCE_RTOL:g})")
         operator = GaussNewtonOperator(objective) if kind == "ggn" else HessianOperator(objective)
         start = time.perf_counter()
-        solver = ConjugateGradient(operator, damping=cfg["damping"], rtol=REFERENCE_RTOL)
+        solver = CGSolver(operator, damping=cfg["damping"], rtol=REFERENCE_RTOL)
         scores = InfluenceFunction(objective, solver).scores(test)
         solve = scores.inverse_hvp
         rhs = objective.measurement_gradients(test)[0]

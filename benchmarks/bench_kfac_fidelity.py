@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ihvp_family as family  # noqa: E402
 
 from influencekit.curvature import GaussNewtonOperator, blocks_per_module  # noqa: E402
-from influencekit.solvers import ConjugateGradient, KFACSolver  # noqa: E402
+from influencekit.solvers import CGSolver, KFACSolver  # noqa: E402
 from influencekit.solvers.kfac import cross_entropy_hessian_factor  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def main() -> int:
     solvers = {name: KFACSolver(objective, damping=0.0, eigenvalue_correction=name == "EK-FAC", chunk_size=1024).fit()
                for name in ("K-FAC", "EK-FAC")}
     print(f"K-FAC and EK-FAC factors fitted in {time.perf_counter() - start:.1f} s")
-    for name, factors in solvers["EK-FAC"].factors.items():  # EK-FAC keeps the trace: its mean eigenvalue is exact
+    for name, factors in solvers["EK-FAC"].approximation.factors.items():  # EK-FAC keeps the trace: its mean eigenvalue is exact
         print(f"layer {name}: mean eigenvalue of its GGN block (trace / size) {float(factors.eigenvalues().mean()):.3g}")
 
     print("\n== 1. matched damping: K-FAC / EK-FAC vs the exact damped GGN at the same mu ==")
@@ -105,14 +105,13 @@ def main() -> int:
     exact_at: dict[float, torch.Tensor] = {}
     for mu in (float(v) for v in args.dampings.split(",")):
         begin = time.perf_counter()
-        cg = ConjugateGradient(operator, damping=mu, rtol=args.rtol).solve(g_test)
+        cg = CGSolver(operator, damping=mu, rtol=args.rtol).solve(g_test)
         x_exact = cg.solution[0]
         exact_at[mu] = x_exact
         reference = influence_of(objective, x_exact)
         print(f"mu = {mu:g}: exact by CG, {int(cg.iterations[0])} iterations, {time.perf_counter() - begin:.0f} s")
         for name, solver in solvers.items():
-            solver.layer_damping = {layer: mu for layer in solver.layer_damping}
-            x = solver.inverse_matvec(g_test)[0]
+            x = KFACSolver(solver.approximation, damping=mu).inverse_matvec(g_test)[0]
             error = float((x - x_exact).norm() / x_exact.norm())
             print(f"  {name:6s}: {correlations(influence_of(objective, x), reference)}, iHVP rel. error {error:.3f}")
 
@@ -130,7 +129,7 @@ def main() -> int:
 
     print(f"\n== 3. the output layer's GGN block, explicit (damping mu = {mu:g} + weight decay) ==")
     solver = solvers["K-FAC"]
-    layer = solver.layers[-1]
+    layer = solver.approximation.layers[-1]
     exact_block = explicit_output_block(ctx.model, ctx.x.double().reshape(ctx.n, -1))
     eigenvalues = torch.linalg.eigvalsh(exact_block)
     shift = ctx.weight_decay + mu
@@ -140,7 +139,7 @@ def main() -> int:
     identity = torch.eye(exact_block.shape[0], dtype=torch.float64)
     x_block = torch.linalg.solve(exact_block + shift * identity, rhs)
     for name, fitted in solvers.items():
-        approx = fitted.factors[layer.name].dense()
+        approx = fitted.approximation.factors[layer.name].dense()
         frobenius = float((approx - exact_block).norm() / exact_block.norm())
         x = torch.linalg.solve(approx + shift * identity, rhs)
         print(f"  {name:6s}: relative Frobenius error {frobenius:.3f}; damped inverse on g_test's part: "

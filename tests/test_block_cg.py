@@ -5,7 +5,7 @@ import torch
 
 from influencekit import SoftmaxRegressionObjective
 from influencekit.curvature import CurvatureOperator, DenseOperator, HessianOperator
-from influencekit.solvers import BlockConjugateGradient, ConjugateGradient, NotPositiveDefiniteError
+from influencekit.solvers import BlockCGSolver, CGSolver, NotPositiveDefiniteError
 from influencekit.solvers.block_cg import orthonormal_rows
 
 F64 = torch.float64
@@ -59,7 +59,7 @@ def test_block_cg_equals_the_explicit_solve(make, case):
         "dependent": dependent_rhs(p),
         "more_than_p": random_rhs(p + 13, p),
     }[case]
-    result = BlockConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(rhs)
+    result = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(rhs)
     assert result.solution.shape == rhs.shape
     assert relative_error(result.solution, exact_solution(curvature, DAMPING, rhs)) <= 1e-8
     assert bool(result.info["converged"].all())
@@ -69,26 +69,26 @@ def test_block_cg_equals_the_explicit_solve(make, case):
 
 def test_more_right_hand_sides_than_parameters_take_a_single_full_block():
     curvature = spd_operator()
-    result = BlockConjugateGradient(curvature, DAMPING, rtol=1e-9).solve(random_rhs(45, curvature.dim))
+    result = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-9).solve(random_rhs(45, curvature.dim))
     assert result.info["rhs_rank"] == result.info["block_sizes"][0] == curvature.dim  # the first block spans R^p
     assert int(result.iterations.max()) <= 2
 
 
 def test_dependent_right_hand_sides_shrink_the_block():
     curvature = spd_operator()
-    result = BlockConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(dependent_rhs(curvature.dim))
+    result = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(dependent_rhs(curvature.dim))
     assert result.info["rhs_rank"] == 2
     assert max(result.info["block_sizes"]) == 2
     # two independent directions: no slower than CG on one of them
-    single = ConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(dependent_rhs(curvature.dim)[3])
+    single = CGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(dependent_rhs(curvature.dim)[3])
     assert int(result.iterations.max()) <= int(single.iterations[0])
 
 
 def test_block_cg_needs_far_fewer_iterations_than_independent_cg():
     curvature = ill_conditioned_hessian()
     rhs = random_rhs(8, curvature.dim)
-    independent = ConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(rhs)
-    block = BlockConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(rhs)
+    independent = CGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(rhs)
+    block = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(rhs)
     assert relative_error(block.solution, independent.solution) <= 1e-8
     assert int(block.iterations.max()) * 3 <= int(independent.iterations.min())
 
@@ -97,7 +97,7 @@ def test_zero_right_hand_side_rows_stay_zero():
     curvature = spd_operator()
     rhs = random_rhs(3, curvature.dim)
     rhs[1] = 0.0
-    result = BlockConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(rhs)
+    result = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(rhs)
     assert torch.equal(result.solution[1], torch.zeros(curvature.dim, dtype=F64))
     assert int(result.iterations[1]) == 0
     assert relative_error(result.solution[[0, 2]], exact_solution(curvature, DAMPING, rhs[[0, 2]])) <= 1e-8
@@ -106,7 +106,7 @@ def test_zero_right_hand_side_rows_stay_zero():
 def test_iteration_cap_reports_unconverged_rows():
     curvature = ill_conditioned_hessian()
     rhs = random_rhs(2, curvature.dim)
-    result = BlockConjugateGradient(curvature, DAMPING, rtol=1e-12, maxiter=3).solve(rhs)
+    result = BlockCGSolver(curvature, damping=DAMPING, rtol=1e-12, maxiter=3).solve(rhs)
     assert result.iterations.tolist() == [3, 3]
     assert not bool(result.info["converged"].any())
     assert result.info["residual_history"].shape == (4, 2)
@@ -115,7 +115,7 @@ def test_iteration_cap_reports_unconverged_rows():
 def test_indefinite_curvature_is_reported():
     matrix = torch.diag(torch.tensor([2.0, 1.0, -1.0, 0.5], dtype=F64))
     with pytest.raises(NotPositiveDefiniteError):
-        BlockConjugateGradient(DenseOperator(matrix), 0.0).solve(torch.ones(2, 4, dtype=F64))
+        BlockCGSolver(DenseOperator(matrix), damping=0.0).solve(torch.ones(2, 4, dtype=F64))
 
 
 def test_orthonormal_rows_drops_dependent_directions():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influencekit import ConjugateGradient, DirectSolver, HessianOperator, LiSSA, TorchObjective
+from influencekit import CGSolver, DirectSolver, HessianOperator, LiSSASolver, TorchObjective
 from influencekit.curvature import (
     BlockDiagonalOperator,
     CurvatureBlock,
@@ -190,7 +190,7 @@ def test_block_solver_with_direct_blocks_is_the_blockwise_inverse(setup):
     objective, hessian = setup
     blocks = blocks_per_tensor(objective.space)
     rhs = torch.randn(3, P, dtype=DTYPE)
-    solver = BlockDiagonalSolver(HessianOperator(objective), blocks, lambda op, name: DirectSolver(op), damping=0.01)
+    solver = BlockDiagonalSolver(HessianOperator(objective), blocks=blocks, make_solver=lambda op, name: DirectSolver(op), damping=0.01)
     result = solver.solve(rhs)
     dampings = dict.fromkeys(blocks, 0.01)
     torch.testing.assert_close(result.solution, explicit_blockwise_solve(hessian, blocks, dampings, rhs), rtol=1e-10, atol=1e-12)
@@ -212,9 +212,9 @@ def test_block_solver_with_cg_and_per_block_damping(setup):
     def make_solver(operator, name):
         names.append(name)
         assert isinstance(operator, CurvatureBlock) and operator.dim == len(blocks[name])
-        return ConjugateGradient(operator, rtol=1e-12)
+        return CGSolver(operator, rtol=1e-12)
 
-    solver = BlockDiagonalSolver(HessianOperator(objective), blocks, make_solver, damping=dampings)
+    solver = BlockDiagonalSolver(HessianOperator(objective), blocks=blocks, make_solver=make_solver, damping=dampings)
     result = solver.solve(rhs)
     assert names == ["weights", "biases"]
     expected = explicit_blockwise_solve(hessian, blocks, dampings, rhs)
@@ -247,8 +247,8 @@ def test_block_solver_with_lissa_blocks(setup):
     rhs = torch.randn(2, P, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
     solver = BlockDiagonalSolver(
         HessianOperator(objective),
-        blocks,
-        lambda op, name: LiSSA(op, depth=80, repeats=4, batch_size=N, seed=1, progress=False),
+        blocks=blocks,
+        make_solver=lambda op, name: LiSSASolver(op, depth=80, repeats=4, batch_size=N, seed=1, progress=False),
         damping=dampings,
     )
     result = solver.solve(rhs)
@@ -262,10 +262,10 @@ def test_block_solver_errors(setup):
     objective, _ = setup
     operator, blocks = HessianOperator(objective), blocks_per_module(objective.model, objective.space)
     with pytest.raises(KeyError, match=r"unknown \['1'\], missing \['2'\]"):
-        BlockDiagonalSolver(operator, blocks, lambda op, name: DirectSolver(op), damping={"0": 0.1, "1": 0.1})
+        BlockDiagonalSolver(operator, blocks=blocks, make_solver=lambda op, name: DirectSolver(op), damping={"0": 0.1, "1": 0.1})
     with pytest.raises(ValueError, match="finite and >= 0"):
-        BlockDiagonalSolver(operator, blocks, lambda op, name: DirectSolver(op), damping=-1.0)
+        BlockDiagonalSolver(operator, blocks=blocks, make_solver=lambda op, name: DirectSolver(op), damping=-1.0)
     with pytest.raises(ValueError, match="has damping 0.1"):
-        BlockDiagonalSolver(operator, blocks, lambda op, name: ConjugateGradient(op, damping=0.1))
-    with pytest.raises(TypeError, match="must return an IHVPSolver"):
-        BlockDiagonalSolver(operator, blocks, lambda op, name: op)
+        BlockDiagonalSolver(operator, blocks=blocks, make_solver=lambda op, name: CGSolver(op, damping=0.1))
+    with pytest.raises(TypeError, match="must return an Solver"):
+        BlockDiagonalSolver(operator, blocks=blocks, make_solver=lambda op, name: op)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influencekit import ConjugateGradient, DirectSolver, HessianOperator, LiSSA, SoftmaxRegressionObjective, TorchObjective
+from influencekit import CGSolver, DirectSolver, HessianOperator, LiSSASolver, SoftmaxRegressionObjective, TorchObjective
 from influencekit.curvature import BlockDiagonalOperator, EmpiricalFisherOperator, GaussNewtonOperator, blocks_per_module
 
 DTYPE = torch.float64
@@ -224,11 +224,11 @@ def test_every_curvature_kind_works_with_every_solver(kind, trained):
     direct = DirectSolver(operator, damping=damping).solve(rhs)
     torch.testing.assert_close(direct.solution, exact, rtol=1e-10, atol=1e-12)
 
-    cg = ConjugateGradient(operator, damping=damping, rtol=1e-12).solve(rhs)
+    cg = CGSolver(operator, damping=damping, rtol=1e-12).solve(rhs)
     assert bool(cg.info["converged"].all())
     assert float(((cg.solution - direct.solution).norm(dim=1) / direct.solution.norm(dim=1)).max()) < 1e-8
 
-    lissa = LiSSA(operator, damping=damping, depth=100, repeats=4, batch_size=N, progress=False).solve(rhs)
+    lissa = LiSSASolver(operator, damping=damping, depth=100, repeats=4, batch_size=N, progress=False).solve(rhs)
     relative = (lissa.solution - exact).norm(dim=1) / exact.norm(dim=1)
     assert float(relative.max()) < 0.1, relative
 

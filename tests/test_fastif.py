@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.datasets.mnist import MNIST_MD5, koh_liang_split, load_mnist
-from influencekit.fastif import (
+from influencekit.scores.fastif import (
     RECALL_KINDS,
     KNNCandidateSelector,
     candidate_influence,
@@ -20,9 +20,9 @@ from influencekit.fastif import (
     recall_at_m,
     top_m_among,
 )
-from influencekit.influence import InfluenceFunction
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
-from influencekit.solvers.cg import ConjugateGradient
+from influencekit.scores.influence import InfluenceFunction
+from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.solvers.cg import CGSolver
 from influencekit.solvers.direct import DirectSolver
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
@@ -222,7 +222,7 @@ def test_recall_table_on_a_2000_point_mnist_logistic_regression():
     objective = SoftmaxRegressionObjective(fit.weights, x, y, 0.01)
     test = [8, 0, 1, 2, 3]
     test_batch = (split.x_test[test], split.y_test[test])
-    solver = ConjugateGradient(HessianOperator(objective), rtol=1e-10)
+    solver = CGSolver(HessianOperator(objective), rtol=1e-10)
     table = fastif_recall_table(
         objective, solver, test_batch, KNNCandidateSelector(x), test_batch[0], ms=(10,), ks=(100, n // 2), progress=False
     )

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from influencekit import ConjugateGradient, DirectSolver, HessianOperator, InfluenceFunction, TorchObjective
+from influencekit import CGSolver, DirectSolver, HessianOperator, InfluenceFunction, TorchObjective
 
 
 def ridge_problem(n=200, d=3, weight_decay=0.1, seed=0):
@@ -46,7 +46,7 @@ def test_predicted_change_matches_actual_leave_one_out_retraining():
     w = ridge_fit(x, y, lam)
     objective = objective_at(w, x, y, lam)
     x_test, y_test = torch.tensor([[0.5, 1.0, -1.0]], dtype=torch.float64), torch.tensor([[2.0]], dtype=torch.float64)
-    for solver in (DirectSolver(HessianOperator(objective)), ConjugateGradient(HessianOperator(objective), rtol=1e-12)):
+    for solver in (DirectSolver(HessianOperator(objective)), CGSolver(HessianOperator(objective), rtol=1e-12)):
         predicted = InfluenceFunction(objective, solver).scores((x_test, y_test)).predicted_loss_change[0]
         base = 0.5 * float((x_test @ w - y_test) ** 2)
         actual = torch.empty(n, dtype=torch.float64)

@@ -7,7 +7,8 @@ from torch import nn
 from influencekit import TorchObjective
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.persistence import save_tensors
-from influencekit.solvers import ConjugateGradient, JacobiPreconditioner, NotPositiveDefiniteError
+from influencekit.solvers import CGSolver, JacobiPreconditioner, NotPositiveDefiniteError
+from influencekit.curvature.kfac import KFACCurvature
 from influencekit.solvers.kfac import KFACSolver, SingularKFACError
 
 DT = torch.float64
@@ -86,7 +87,7 @@ REORDERED_MLP = ["2.bias", "0.weight", "2.weight", "0.bias"]
 def test_kfac_is_exact_for_one_example(kind, params, loss):
     objective, x, y = make_objective(kind, loss, n=1, weight_decay=0.3, params=params)
     exact = explicit_ggn(objective, x, y)
-    approx = KFACSolver(objective).to_dense()
+    approx = KFACCurvature(objective).to_dense()
     for prefix in LAYERS[kind]:
         index = layer_index(objective, prefix)
         torch.testing.assert_close(block(approx, index), block(exact, index), rtol=1e-10, atol=1e-12)
@@ -98,14 +99,14 @@ def test_kfac_is_exact_for_one_example(kind, params, loss):
 @pytest.mark.parametrize("loss", ["cross_entropy", "squared_error"])
 def test_kfac_linear_block_exact_after_multi_location_conv(loss):
     objective, x, y = make_objective("conv", loss, n=1)
-    exact, approx = explicit_ggn(objective, x, y), KFACSolver(objective).to_dense()
+    exact, approx = explicit_ggn(objective, x, y), KFACCurvature(objective).to_dense()
     index = layer_index(objective, "3")
     torch.testing.assert_close(block(approx, index), block(exact, index), rtol=1e-10, atol=1e-12)
 
 
 def test_input_factor_is_mean_outer_product_of_inputs_with_bias():
     objective, x, _ = make_objective("mlp", "cross_entropy", n=9)
-    solver = KFACSolver(objective).fit()
+    solver = KFACCurvature(objective).fit()
     augmented = torch.cat([x, torch.ones(9, 1, dtype=DT)], dim=1)
     torch.testing.assert_close(solver.factors["0"].A, augmented.T @ augmented / 9, rtol=1e-13, atol=1e-14)
 
@@ -116,8 +117,8 @@ def test_input_factor_is_mean_outer_product_of_inputs_with_bias():
 def test_ekfac_is_exact_diagonal_in_eigenbasis_and_no_worse_than_kfac(kind, loss):
     objective, x, y = make_objective(kind, loss, n=12, weight_decay=0.01)
     exact = explicit_ggn(objective, x, y)
-    kfac = KFACSolver(objective)
-    ekfac = KFACSolver(objective, eigenvalue_correction=True)
+    kfac = KFACCurvature(objective)
+    ekfac = KFACCurvature(objective, eigenvalue_correction=True)
     dense_kfac, dense_ekfac = kfac.to_dense(), ekfac.to_dense()
     for prefix in LAYERS[kind]:
         index = layer_index(objective, prefix)
@@ -138,7 +139,7 @@ def test_ekfac_is_exact_diagonal_in_eigenbasis_and_no_worse_than_kfac(kind, loss
 def test_exact_diagonal_is_the_ggn_diagonal(kind, params, loss):
     objective, x, y = make_objective(kind, loss, n=11, weight_decay=0.07, params=params, chunk_size=4)
     exact = explicit_ggn(objective, x, y)
-    diagonal = KFACSolver(objective, chunk_size=3).exact_diagonal()
+    diagonal = KFACCurvature(objective, chunk_size=3).exact_diagonal()
     torch.testing.assert_close(diagonal, exact.diagonal(), rtol=1e-10, atol=1e-13)
     jacobi = JacobiPreconditioner.from_diagonal(diagonal, damping=0.2)
     reference = JacobiPreconditioner(DenseOperator(exact), damping=0.2, exact=True)
@@ -148,7 +149,7 @@ def test_exact_diagonal_is_the_ggn_diagonal(kind, params, loss):
 def test_ekfac_equals_kfac_for_one_example():
     objective, _, _ = make_objective("mlp", "cross_entropy", n=1, weight_decay=0.1)
     torch.testing.assert_close(
-        KFACSolver(objective, eigenvalue_correction=True).to_dense(), KFACSolver(objective).to_dense(), rtol=1e-10, atol=1e-12
+        KFACCurvature(objective, eigenvalue_correction=True).to_dense(), KFACCurvature(objective).to_dense(), rtol=1e-10, atol=1e-12
     )
 
 
@@ -159,18 +160,19 @@ def test_ekfac_equals_kfac_for_one_example():
 def test_solve_matches_explicit_inverse(correction, damping, params):
     objective, _, _ = make_objective("mlp", "cross_entropy", n=15, weight_decay=0.01, params=params)
     solver = KFACSolver(objective, damping=damping, eigenvalue_correction=correction)
-    dense = solver.to_dense()
+    dense = solver.approximation.to_dense()
     per_layer = damping if isinstance(damping, dict) else {"0": damping, "2": damping}
     diagonal = torch.zeros(objective.dim, dtype=DT)
     for prefix, value in per_layer.items():
         diagonal[layer_index(objective, prefix)] = value
-    torch.testing.assert_close(solver.to_dense(damped=True), dense + torch.diag(diagonal), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(solver.damping_vector(), diagonal, rtol=0, atol=0)
     rhs = torch.randn(4, objective.dim, generator=torch.Generator().manual_seed(3), dtype=DT)
     expected = torch.linalg.solve(dense + torch.diag(diagonal), rhs.T).T
     result = solver.solve(rhs)
     assert result.residual_norms is None
     assert ((result.solution - expected).norm(dim=1) / expected.norm(dim=1)).max() <= 1e-10
-    torch.testing.assert_close(solver.matvec(result.solution, damped=True), rhs, rtol=1e-10, atol=1e-12)
+    damped = solver.approximation.matvec(result.solution) + solver.damping_vector() * result.solution
+    torch.testing.assert_close(damped, rhs, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("correction", [False, True])
@@ -180,7 +182,7 @@ def test_kfac_preconditioned_cg_reaches_the_exact_ggn_solve(correction):
     rhs = torch.randn(3, objective.dim, generator=torch.Generator().manual_seed(4), dtype=DT)
     expected = torch.linalg.solve(exact + 0.02 * torch.eye(objective.dim, dtype=DT), rhs.T).T
     preconditioner = KFACSolver(objective, damping=0.02, eigenvalue_correction=correction).inverse_matvec
-    result = ConjugateGradient(DenseOperator(exact), damping=0.02, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
+    result = CGSolver(DenseOperator(exact), damping=0.02, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
     assert ((result.solution - expected).norm(dim=1) / expected.norm(dim=1)).max() <= 1e-8
 
 
@@ -189,15 +191,15 @@ def test_conv_solve_matches_explicit_inverse(kind):
     objective, _, _ = make_objective(kind, "squared_error", n=6, weight_decay=0.0)
     solver = KFACSolver(objective, damping=0.1, eigenvalue_correction=True)
     rhs = torch.randn(3, objective.dim, generator=torch.Generator().manual_seed(4), dtype=DT)
-    expected = torch.linalg.solve(solver.to_dense(damped=True), rhs.T).T
+    expected = torch.linalg.solve(solver.approximation.to_dense() + torch.diag(solver.damping_vector()), rhs.T).T
     assert ((solver.solve(rhs).solution - expected).norm(dim=1) / expected.norm(dim=1)).max() <= 1e-10
 
 
 def test_residuals_against_a_given_operator():
     objective, _, _ = make_objective("mlp", "cross_entropy", n=10, weight_decay=0.05)
-    solver = KFACSolver(objective, damping=0.1, eigenvalue_correction=True)
+    approximation = KFACCurvature(objective, eigenvalue_correction=True)
     rhs = torch.randn(2, objective.dim, dtype=DT)
-    own = solver.solve(rhs, residual_operator=DenseOperator(solver.to_dense()))
+    own = KFACSolver(approximation, damping=0.1, residual_operator=DenseOperator(approximation.to_dense())).solve(rhs)
     assert (own.relative_residuals(rhs) <= 1e-12).all()
     hessian = HessianOperator(objective)
     result = KFACSolver(objective, damping=0.1, eigenvalue_correction=True, residual_operator=hessian).solve(rhs)
@@ -217,9 +219,9 @@ def test_factors_do_not_depend_on_batching():
     solvers = {}
     for name, data in sources.items():
         objective, _, _ = make_objective("conv", "cross_entropy", n=11, weight_decay=0.02, data=data)
-        solvers[name] = KFACSolver(objective, damping=0.1, eigenvalue_correction=True).fit()
+        solvers[name] = KFACCurvature(objective, eigenvalue_correction=True).fit()
     objective, _, _ = make_objective("conv", "cross_entropy", n=11, weight_decay=0.02)
-    solvers["chunk1"] = KFACSolver(objective, damping=0.1, eigenvalue_correction=True, chunk_size=1).fit()
+    solvers["chunk1"] = KFACCurvature(objective, eigenvalue_correction=True, chunk_size=1).fit()
     reference = solvers.pop("one")
     for solver in solvers.values():
         assert solver.n_examples == 11
@@ -237,18 +239,18 @@ def test_save_load_round_trip(tmp_path, correction):
     solver = KFACSolver(objective, damping={"0": 0.1, "3": 0.01}, eigenvalue_correction=correction).fit()
     solver.save(tmp_path / "kfac")
     loaded = KFACSolver.load(tmp_path / "kfac", objective)
-    assert loaded.eigenvalue_correction == correction and loaded.layer_damping == solver.layer_damping
+    assert loaded.approximation.eigenvalue_correction == correction and loaded.layer_damping == solver.layer_damping
     for prefix in ["0", "3"]:
         for field in ["A", "S", "eigenvalues_A", "eigenvectors_A", "eigenvalues_S", "eigenvectors_S"]:
-            assert torch.equal(getattr(loaded.factors[prefix], field), getattr(solver.factors[prefix], field))
+            assert torch.equal(getattr(loaded.approximation.factors[prefix], field), getattr(solver.approximation.factors[prefix], field))
     rhs = torch.randn(3, objective.dim, dtype=DT)
     assert torch.equal(loaded.solve(rhs).solution, solver.solve(rhs).solution)
-    assert torch.equal(loaded.to_dense(), solver.to_dense())
+    assert torch.equal(loaded.approximation.to_dense(), solver.approximation.to_dense())
     other, _, _ = make_objective("conv", "cross_entropy", n=7)
     with pytest.raises(ValueError, match="fitted on 8 examples"):
         KFACSolver.load(tmp_path / "kfac", other)
     save_tensors(tmp_path / "other", {"x": torch.zeros(1)}, {"class": "SomethingElse"})
-    with pytest.raises(ValueError, match="not a 'KFACSolver'"):
+    with pytest.raises(ValueError, match="not a 'KFACCurvature'"):
         KFACSolver.load(tmp_path / "other", objective)
 
 
@@ -260,7 +262,7 @@ def test_unsupported_parameters_are_refused():
     with pytest.raises(ValueError, match=r"1\.weight.*1\.bias|belong to no such layer"):
         KFACSolver(TorchObjective(model, "cross_entropy", (x, y)))
     only_linear = TorchObjective(model, "cross_entropy", (x, y), params=["0.weight", "0.bias", "2.weight", "2.bias"])
-    assert [layer.name for layer in KFACSolver(only_linear).layers] == ["0", "2"]
+    assert [layer.name for layer in KFACCurvature(only_linear).layers] == ["0", "2"]
 
 
 def test_damping_dict_must_name_every_layer():
@@ -287,10 +289,10 @@ def test_custom_loss_needs_an_output_hessian():
     objective = TorchObjective(model, half_squared_error, (x, y))
     with pytest.raises(ValueError, match="output_hessian"):
         KFACSolver(objective)
-    reference = KFACSolver(TorchObjective(model, "squared_error", (x, y))).to_dense()
-    torch.testing.assert_close(KFACSolver(objective, output_hessian="squared_error").to_dense(), reference)
+    reference = KFACCurvature(TorchObjective(model, "squared_error", (x, y))).to_dense()
+    torch.testing.assert_close(KFACCurvature(objective, output_hessian="squared_error").to_dense(), reference)
     identity = lambda outputs, batch: torch.eye(3, dtype=DT).expand(len(outputs), 3, 3)  # noqa: E731
-    torch.testing.assert_close(KFACSolver(objective, output_hessian=identity).to_dense(), reference)
+    torch.testing.assert_close(KFACCurvature(objective, output_hessian=identity).to_dense(), reference)
 
 
 def test_shared_layers_are_refused():
@@ -323,7 +325,7 @@ def test_layers_whose_forward_never_runs_are_refused():
 
 def test_one_backward_per_seed_when_batched_backward_fails(monkeypatch):
     objective, _, _ = make_objective("conv", "cross_entropy", n=5)
-    expected = KFACSolver(objective, eigenvalue_correction=True).to_dense()
+    expected = KFACCurvature(objective, eigenvalue_correction=True).to_dense()
     original = torch.autograd.grad
 
     def no_batching(*args, **kwargs):
@@ -332,4 +334,4 @@ def test_one_backward_per_seed_when_batched_backward_fails(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
-    torch.testing.assert_close(KFACSolver(objective, eigenvalue_correction=True).to_dense(), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(KFACCurvature(objective, eigenvalue_correction=True).to_dense(), expected, rtol=1e-12, atol=1e-14)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
 from influencekit.validation.leave_one_out import (
     SoftmaxRefitProblem,
     _loo_gradients,

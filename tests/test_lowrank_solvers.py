@@ -160,9 +160,9 @@ def test_nystrom_needs_damping_and_a_valid_rank():
 def test_low_rank_errors_against_direct_shrink_with_rank():
     curvature = spd_operator()
     rhs = random_rhs(4, curvature.dim)
-    direct = DirectSolver(curvature, DAMPING).solve(rhs).solution
-    arnoldi = [relative_error(ArnoldiSolver(curvature, r, curvature.dim, DAMPING).solve(rhs).solution, direct) for r in (5, 15, 25)]
-    nystrom = [relative_error(NystromSketchSolver(curvature, r, DAMPING).solve(rhs).solution, direct) for r in (5, 15, 25)]
+    direct = DirectSolver(curvature, damping=DAMPING).solve(rhs).solution
+    arnoldi = [relative_error(ArnoldiSolver(curvature, rank=r, krylov_dim=curvature.dim, damping=DAMPING).solve(rhs).solution, direct) for r in (5, 15, 25)]
+    nystrom = [relative_error(NystromSketchSolver(curvature, rank=r, damping=DAMPING).solve(rhs).solution, direct) for r in (5, 15, 25)]
     assert arnoldi[0] > arnoldi[1] > arnoldi[2]
     assert nystrom[0] > nystrom[1] > nystrom[2]
 
@@ -189,7 +189,7 @@ def test_save_load_round_trip_gives_identical_solutions(solver_class, tmp_path):
 
 def test_load_checks_kind_and_dimension(tmp_path):
     curvature = spd_operator()
-    ArnoldiSolver(curvature, 4).save(tmp_path / "arnoldi")
+    ArnoldiSolver(curvature, rank=4).save(tmp_path / "arnoldi")
     with pytest.raises(ValueError, match="ArnoldiSolver"):
         NystromSketchSolver.load(tmp_path / "arnoldi")
     with pytest.raises(ValueError, match="p = 30"):

@@ -9,9 +9,9 @@ import torch
 from distributed import Client
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
-from influencekit.parallel_stest import ChainDivergedError, ParallelLiSSA, local_cluster
-from influencekit.solvers.lissa import LiSSA
+from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.solvers.parallel_lissa import ChainDivergedError, ParallelLiSSASolver, local_cluster
+from influencekit.solvers.lissa import LiSSASolver
 
 SETTINGS = dict(scale=6.0, damping=0.01, depth=300, batch_size=2, seed=3)
 
@@ -37,8 +37,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_two_dask_workers_equal_the_sequential_solver(problem):
     curvature, rhs = problem
-    sequential = LiSSA(curvature, repeats=4, progress=False, **SETTINGS).solve(rhs)
-    parallel = ParallelLiSSA(curvature, repeats=4, workers=2, progress=False, **SETTINGS).solve(rhs)
+    sequential = LiSSASolver(curvature, repeats=4, progress=False, **SETTINGS).solve(rhs)
+    parallel = ParallelLiSSASolver(curvature, repeats=4, workers=2, progress=False, **SETTINGS).solve(rhs)
     assert parallel.solution.dtype == torch.float64
     assert relative_difference(parallel.solution, sequential.solution) <= 1e-12
     tasks = parallel.info["tasks"]
@@ -51,10 +51,10 @@ def test_two_dask_workers_equal_the_sequential_solver(problem):
 
 def test_an_existing_client_and_blocks_of_chains(problem):
     curvature, rhs = problem
-    sequential = LiSSA(curvature, repeats=6, progress=False, **SETTINGS).solve(rhs)
+    sequential = LiSSASolver(curvature, repeats=6, progress=False, **SETTINGS).solve(rhs)
     with local_cluster(2) as cluster, Client(cluster) as client:
         for chains_per_task in (2, 3):
-            solver = ParallelLiSSA(curvature, repeats=6, client=client, chains_per_task=chains_per_task, progress=False, **SETTINGS)
+            solver = ParallelLiSSASolver(curvature, repeats=6, client=client, chains_per_task=chains_per_task, progress=False, **SETTINGS)
             parallel = solver.solve(rhs)
             assert relative_difference(parallel.solution, sequential.solution) <= 1e-12
             assert len(parallel.info["tasks"]) == 6 // chains_per_task
@@ -68,8 +68,8 @@ def test_an_existing_client_and_blocks_of_chains(problem):
 def test_in_process_reduction_with_an_odd_number_of_chains_and_auto_scale(problem):
     curvature, rhs = problem
     settings = {**SETTINGS, "scale": "auto"}
-    sequential = LiSSA(curvature, repeats=5, progress=False, **settings)
-    parallel = ParallelLiSSA(curvature, repeats=5, workers=0, progress=False, **settings)
+    sequential = LiSSASolver(curvature, repeats=5, progress=False, **settings)
+    parallel = ParallelLiSSASolver(curvature, repeats=5, workers=0, progress=False, **settings)
     assert parallel.scale == sequential.scale
     result = parallel.solve(rhs)
     assert relative_difference(result.solution, sequential.solve(rhs).solution) <= 1e-12
@@ -78,7 +78,7 @@ def test_in_process_reduction_with_an_odd_number_of_chains_and_auto_scale(proble
 
 def test_divergence_is_reported_with_a_picklable_error(problem):
     curvature, rhs = problem
-    solver = ParallelLiSSA(curvature, scale=0.05, depth=2000, repeats=2, batch_size=4, workers=0, progress=False)
+    solver = ParallelLiSSASolver(curvature, scale=0.05, depth=2000, repeats=2, batch_size=4, workers=0, progress=False)
     with pytest.raises(ChainDivergedError, match="diverged") as excinfo:
         solver.solve(rhs)
     error = pickle.loads(pickle.dumps(excinfo.value))
@@ -88,8 +88,8 @@ def test_divergence_is_reported_with_a_picklable_error(problem):
 def test_invalid_arguments(problem):
     curvature, _ = problem
     with pytest.raises(ValueError, match="divide"):
-        ParallelLiSSA(curvature, repeats=5, chains_per_task=2, **SETTINGS)
+        ParallelLiSSASolver(curvature, repeats=5, chains_per_task=2, **SETTINGS)
     with pytest.raises(ValueError, match="not both"):
-        ParallelLiSSA(curvature, repeats=2, client=object(), scheduler_address="tcp://x:1", **SETTINGS)  # type: ignore[arg-type]
+        ParallelLiSSASolver(curvature, repeats=2, client=object(), scheduler_address="tcp://x:1", **SETTINGS)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="workers"):
-        ParallelLiSSA(curvature, repeats=2, workers=-1, **SETTINGS)
+        ParallelLiSSASolver(curvature, repeats=2, workers=-1, **SETTINGS)

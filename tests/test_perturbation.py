@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from influencekit import DirectSolver, HessianOperator, InfluenceFunction, TorchObjective
-from influencekit.perturbation import perturbation_influence, perturbation_influence_from_inverse_hvp
+from influencekit.scores.perturbation import perturbation_influence, perturbation_influence_from_inverse_hvp
 
 DTYPE = torch.float64
 N, WD = 11, 0.1

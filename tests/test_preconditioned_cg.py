@@ -6,8 +6,8 @@ import torch
 from influencekit import SoftmaxRegressionObjective
 from influencekit.curvature import CurvatureOperator, DenseOperator, HessianOperator
 from influencekit.solvers import (
-    BlockConjugateGradient,
-    ConjugateGradient,
+    BlockCGSolver,
+    CGSolver,
     JacobiPreconditioner,
     NystromPreconditioner,
 )
@@ -84,7 +84,7 @@ def test_hutchinson_estimate_approaches_the_diagonal():
 @pytest.mark.parametrize("make", [ill_conditioned_hessian, spd_operator])
 def test_exact_jacobi_diagonal(make):
     curvature = make()
-    exact = JacobiPreconditioner(curvature, DAMPING, exact=True, block_size=7)
+    exact = JacobiPreconditioner(curvature, damping=DAMPING, exact=True, block_size=7)
     torch.testing.assert_close(exact.diagonal, curvature.to_dense().diagonal(), rtol=1e-12, atol=1e-15)
     assert exact.clamped == 0
 
@@ -131,14 +131,14 @@ def test_nystrom_preconditioner_refuses_a_singular_sketch():
 
 def preconditioners(curvature: CurvatureOperator) -> dict[str, object]:
     return {
-        "jacobi-hutchinson": JacobiPreconditioner(curvature, DAMPING, num_probes=64, seed=0),
-        "jacobi-exact": JacobiPreconditioner(curvature, DAMPING, exact=True),
+        "jacobi-hutchinson": JacobiPreconditioner(curvature, damping=DAMPING, num_probes=64, seed=0),
+        "jacobi-exact": JacobiPreconditioner(curvature, damping=DAMPING, exact=True),
         "nystrom": NystromPreconditioner(curvature, rank=16, damping=DAMPING, seed=0),
     }
 
 
 @pytest.mark.parametrize("make", [ill_conditioned_hessian, spd_operator])
-@pytest.mark.parametrize("solver_class", [ConjugateGradient, BlockConjugateGradient])
+@pytest.mark.parametrize("solver_class", [CGSolver, BlockCGSolver])
 def test_preconditioned_solvers_reach_the_explicit_solution(make, solver_class):
     curvature = make()
     for k in (1, 3):
@@ -153,9 +153,9 @@ def test_preconditioned_solvers_reach_the_explicit_solution(make, solver_class):
 def test_nystrom_pcg_needs_far_fewer_iterations_on_the_ill_conditioned_hessian():
     curvature = ill_conditioned_hessian()
     rhs = random_rhs(4, curvature.dim)
-    plain = ConjugateGradient(curvature, DAMPING, rtol=1e-12).solve(rhs)
+    plain = CGSolver(curvature, damping=DAMPING, rtol=1e-12).solve(rhs)
     preconditioner = NystromPreconditioner(curvature, rank=24, damping=DAMPING, seed=0)
-    preconditioned = ConjugateGradient(curvature, DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
+    preconditioned = CGSolver(curvature, damping=DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
     assert bool(plain.info["converged"].all()) and bool(preconditioned.info["converged"].all())
     assert int(preconditioned.iterations.max()) * 3 <= int(plain.iterations.min())
 
@@ -171,14 +171,14 @@ def test_save_load_round_trip_gives_identical_solutions(kind, tmp_path):
     loaded = type(preconditioner).load(tmp_path / kind, curvature)
     rhs = random_rhs(3, curvature.dim)
     assert torch.equal(loaded(rhs), preconditioner(rhs))
-    first = ConjugateGradient(curvature, DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
-    second = ConjugateGradient(curvature, DAMPING, rtol=1e-12, preconditioner=loaded).solve(rhs)
+    first = CGSolver(curvature, damping=DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
+    second = CGSolver(curvature, damping=DAMPING, rtol=1e-12, preconditioner=loaded).solve(rhs)
     assert torch.equal(first.solution, second.solution)
 
 
 def test_load_checks_kind_and_dimension(tmp_path):
     curvature = spd_operator(p=12)
-    JacobiPreconditioner(curvature, DAMPING).save(tmp_path / "jacobi")
+    JacobiPreconditioner(curvature, damping=DAMPING).save(tmp_path / "jacobi")
     with pytest.raises(ValueError, match="JacobiPreconditioner"):
         NystromPreconditioner.load(tmp_path / "jacobi")
     with pytest.raises(ValueError, match="p = 12"):

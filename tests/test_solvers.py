@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from influencekit import (
-    ConjugateGradient,
+    CGSolver,
     DenseOperator,
     DirectSolver,
     HessianOperator,
-    LiSSA,
+    LiSSASolver,
     LiSSADivergenceError,
     NotPositiveDefiniteError,
     SoftmaxRegressionObjective,
@@ -50,7 +50,7 @@ def test_direct_and_cg_match_closed_form(condition, weight_decay, damping):
     curvature = HessianOperator(objective)
     direct = DirectSolver(curvature, damping=damping).solve(rhs)
     assert rel_err(direct.solution, expected) <= 1e-10
-    cg = ConjugateGradient(curvature, damping=damping, rtol=1e-13, maxiter=500).solve(rhs)
+    cg = CGSolver(curvature, damping=damping, rtol=1e-13, maxiter=500).solve(rhs)
     assert rel_err(cg.solution, expected) <= 1e-8
     assert bool(cg.info["converged"].all())
     assert torch.all(cg.residual_norms <= 1e-12 * rhs.norm(dim=1) * 10)
@@ -68,7 +68,7 @@ def test_lissa_matches_closed_form_with_suitable_settings():
     rhs = torch.randn(3, 12, dtype=torch.float64)
     expected = torch.linalg.solve(h + 1e-3 * torch.eye(12, dtype=torch.float64), rhs.T).T
     # a scale 4x the largest curvature takes smaller steps, which damps the sampling noise
-    solver = LiSSA(curvature, scale=6.0, damping=1e-3, depth=500, repeats=16, batch_size=400, seed=1, progress=False)
+    solver = LiSSASolver(curvature, scale=6.0, damping=1e-3, depth=500, repeats=16, batch_size=400, seed=1, progress=False)
     result = solver.solve(rhs)
     assert rel_err(result.solution, expected) <= 1e-2
     assert result.info["norm_trace"].shape == (500, 3)
@@ -82,7 +82,7 @@ def test_lissa_with_full_batches_is_the_deterministic_neumann_series():
     curvature = HessianOperator(objective)
     rhs = torch.randn(2, 6, dtype=torch.float64)
     scale, depth = 3.0, 40
-    solver = LiSSA(curvature, scale=scale, depth=depth, repeats=1, batch_size=50, progress=False)
+    solver = LiSSASolver(curvature, scale=scale, depth=depth, repeats=1, batch_size=50, progress=False)
     # sampling with replacement: replicate the indices the solver draws and build the same recursion explicitly
     indices = solver.sample_indices()[0]
     h_explicit = rhs.clone()
@@ -97,7 +97,7 @@ def test_lissa_with_full_batches_is_the_deterministic_neumann_series():
 def test_lissa_too_small_scale_raises_divergence_error_not_nan():
     objective, _ = linear_regression(200, 8, 100.0, 0.0)
     curvature = HessianOperator(objective)
-    solver = LiSSA(curvature, scale=0.05, depth=2000, repeats=2, batch_size=4, progress=False)
+    solver = LiSSASolver(curvature, scale=0.05, depth=2000, repeats=2, batch_size=4, progress=False)
     with pytest.raises(LiSSADivergenceError) as excinfo:
         solver.solve(torch.randn(1, 8, dtype=torch.float64))
     err = excinfo.value
@@ -105,7 +105,7 @@ def test_lissa_too_small_scale_raises_divergence_error_not_nan():
     assert err.suggested_scale > 0.05
     assert "scale >=" in str(err)
     # the suggested scale works
-    LiSSA(curvature, scale=err.suggested_scale, depth=50, repeats=2, batch_size=4, progress=False).solve(
+    LiSSASolver(curvature, scale=err.suggested_scale, depth=50, repeats=2, batch_size=4, progress=False).solve(
         torch.randn(1, 8, dtype=torch.float64)
     )
 
@@ -114,9 +114,9 @@ def test_lissa_repeats_are_reproducible_in_pieces():
     objective, _ = linear_regression(100, 5, 10.0, 1e-2)
     curvature = HessianOperator(objective)
     rhs = torch.randn(2, 5, dtype=torch.float64)
-    kwargs = dict(scale=20.0, depth=60, batch_size=3, seed=7, progress=False, measure_residual=False)
-    whole = LiSSA(curvature, repeats=4, **kwargs).solve(rhs).solution
-    parts = [LiSSA(curvature, repeats=2, first_repeat=r, **kwargs).solve(rhs).solution for r in (0, 2)]
+    kwargs = dict(scale=20.0, depth=60, batch_size=3, seed=7, progress=False, measure_residuals=False)
+    whole = LiSSASolver(curvature, repeats=4, **kwargs).solve(rhs).solution
+    parts = [LiSSASolver(curvature, repeats=2, first_repeat=r, **kwargs).solve(rhs).solution for r in (0, 2)]
     torch.testing.assert_close(whole, (parts[0] + parts[1]) / 2, rtol=1e-13, atol=1e-15)
 
 
@@ -159,11 +159,11 @@ def test_every_solver_against_direct(problem, damping, request):
     rhs = objective.measurement_gradients(objective.train.materialize() if hasattr(objective, "train") else (objective.inputs[:4], objective.targets[:4]))[:4]
     direct = DirectSolver(curvature, damping=damping)
     expected = direct.solve(rhs).solution
-    cg = ConjugateGradient(curvature, damping=damping, rtol=1e-12).solve(rhs)
+    cg = CGSolver(curvature, damping=damping, rtol=1e-12).solve(rhs)
     assert rel_err(cg.solution, expected) <= 1e-8
     # mini-batches as large as the data set keep the sampling noise small
     n = objective.n_train
-    lissa = LiSSA(curvature, scale="auto", damping=damping, depth=1000, repeats=16, batch_size=n, seed=0, progress=False)
+    lissa = LiSSASolver(curvature, scale="auto", damping=damping, depth=1000, repeats=16, batch_size=n, seed=0, progress=False)
     result = lissa.solve(rhs)
     assert rel_err(result.solution, expected) <= 5e-2  # LiSSA noise ~ 1/sqrt(repeats); 1e-2 is tested on least squares
     assert torch.all(result.relative_residuals(rhs) < 0.1)

@@ -1,38 +1,31 @@
 """influencekit: which training examples made my model predict this?
 
-Data flows one way: model + loss + data (:class:`TorchObjective` or a closed-form
-objective) -> gradients -> curvature operator -> iHVP solver -> scores
-(:class:`InfluenceFunction`) -> validation and reports.
+Data flows one way, and so do the packages:
+
+1. data (:class:`DataSource`) and 2. the objective (:mod:`influencekit.objectives`:
+   model + loss + data -> gradients);
+3. curvature operators (:mod:`influencekit.curvature`);
+4. iHVP solvers (:mod:`influencekit.solvers`, one contract: ``Solver(curvature, *, damping=...)``);
+5. scores (:mod:`influencekit.scores`: influence, perturbation, FastIF), TracIn
+   (:mod:`influencekit.tracin`) and nearest-neighbour search (:mod:`influencekit.search`);
+6. validation by retraining (:mod:`influencekit.validation`), experiments and the CLI.
+
+Every solver, curvature and score type is importable from here (``import influencekit as ik``).
 """
 
-from influencekit.curvature import DenseOperator, HessianOperator, spectrum_summary
+from influencekit import curvature, objectives, scores, search, solvers
+from influencekit._deprecation import alias_getattr
+from influencekit.curvature import *  # noqa: F403
 from influencekit.data import DataSource
-from influencekit.influence import InfluenceFunction, InfluenceScores, TopK
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective
-from influencekit.solvers import (
-    ConjugateGradient,
-    DirectSolver,
-    LiSSA,
-    LiSSADivergenceError,
-    NotPositiveDefiniteError,
-    SolveResult,
-)
-from influencekit.torch_objective import TorchObjective
+from influencekit.objectives import *  # noqa: F403
+from influencekit.scores import *  # noqa: F403
+from influencekit.search import *  # noqa: F403
+from influencekit.solvers import *  # noqa: F403
+from influencekit.tracin import LastLayerTracIn, TracInCP
 
-__all__ = [
-    "ConjugateGradient",
-    "DataSource",
-    "DenseOperator",
-    "DirectSolver",
-    "HessianOperator",
-    "InfluenceFunction",
-    "InfluenceScores",
-    "LiSSA",
-    "LiSSADivergenceError",
-    "NotPositiveDefiniteError",
-    "SoftmaxRegressionObjective",
-    "SolveResult",
-    "TopK",
-    "TorchObjective",
-    "spectrum_summary",
-]
+__all__ = sorted(
+    {"DataSource", "LastLayerTracIn", "TracInCP"}
+    | set(curvature.__all__) | set(objectives.__all__) | set(scores.__all__) | set(search.__all__) | set(solvers.__all__)
+)
+
+__getattr__ = alias_getattr(__name__, solvers.DEPRECATED_NAMES)

@@ -1,4 +1,7 @@
-"""Dense kernels on CPU tensors routed to the faster BLAS: products and Cholesky solves.
+"""Linear-algebra plumbing: blocks of vectors, and dense kernels routed to the faster BLAS.
+
+:func:`check_directions` validates the (k, p) blocks of row vectors every operator and
+solver takes.
 
 PyTorch's CPU wheels call MKL, numpy and SciPy call OpenBLAS. On the AMD EPYC
 machines this project is developed and tested on, OpenBLAS runs a float64 GEMM
@@ -48,3 +51,12 @@ def cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
         triangle, lower = np.asfortranarray(factor_np.T), False
     solution = scipy.linalg.cho_solve((triangle, lower), rhs_np.T, check_finite=False)
     return torch.from_numpy(np.ascontiguousarray(solution.T))
+
+
+def check_directions(directions: Tensor, dim: int, name: str = "vectors") -> Tensor:
+    """Validate a block of vectors, returning it as a 2-D tensor (k, p)."""
+    if directions.dim() == 1:
+        directions = directions.unsqueeze(0)
+    if directions.dim() != 2 or directions.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (k, {dim}), got {tuple(directions.shape)}")
+    return directions

@@ -99,6 +99,15 @@ def load_saved(directory: str | os.PathLike[str], class_name: str) -> tuple[dict
     return tensors, arguments
 
 
+def load_checked(
+    directory: str | os.PathLike[str], class_name: str, operator: Any
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """:func:`load_saved`, then :func:`check_dimension` of ``operator`` against the saved ``arguments["dim"]``."""
+    tensors, arguments = load_saved(directory, class_name)
+    check_dimension(directory, arguments["dim"], operator)
+    return tensors, arguments
+
+
 def check_dimension(directory: str | os.PathLike[str], saved_dim: int, operator: Any) -> None:
     """Raise ``ValueError`` unless ``operator.dim`` (a curvature or objective, or None) equals ``saved_dim``."""
     if operator is not None and operator.dim != saved_dim:

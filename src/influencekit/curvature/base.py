@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from influencekit.objective import check_directions
+from influencekit.linalg import check_directions
 
 
 class CurvatureOperator(ABC):

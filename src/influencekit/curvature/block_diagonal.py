@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import check_directions
+from influencekit.linalg import check_directions
 from influencekit.parameters import ParameterSpace
 
 BlockIndices = Union[slice, Tensor, Sequence[int]]

@@ -1,4 +1,4 @@
-"""The empirical Fisher information of a :class:`~influencekit.torch_objective.TorchObjective`.
+"""The empirical Fisher information of a :class:`~influencekit.objectives.TorchObjective`.
 
     F = (1/n) sum_i g_i g_i^T + lambda I ,   g_i = grad_theta l_i(theta) ,
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from influencekit.curvature.ggn import ExampleSumCurvature
+from influencekit.curvature.example_sum import ExampleSumCurvature
 from influencekit.data import Batch
 
 
@@ -43,7 +43,7 @@ class EmpiricalFisherOperator(ExampleSumCurvature):
     explicit (p, p) matrix (small p only).
 
     Args:
-        objective: a :class:`~influencekit.torch_objective.TorchObjective`;
+        objective: a :class:`~influencekit.objectives.TorchObjective`;
             g_i is the gradient of its training loss ``losses(theta, batch)``.
     """
 

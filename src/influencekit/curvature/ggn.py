@@ -1,4 +1,4 @@
-"""The generalised Gauss-Newton matrix of a :class:`~influencekit.torch_objective.TorchObjective`.
+"""The generalised Gauss-Newton matrix of a :class:`~influencekit.objectives.TorchObjective`.
 
 With f_i(theta) the model outputs of training example i (any shape, or a pytree
 of tensors), J_i = d f_i / d theta and H_out,i the Hessian of the per-example
@@ -21,9 +21,7 @@ outputs (generic: no per-loss formula), and J^T w by reverse mode
 The loss must be per-example (l_i depends on the outputs of example i only),
 as everywhere in this library.
 
-This module also holds :class:`ExampleSumCurvature`, the shared sweep over the
-training data of curvatures of the form (1/n) sum_i M_i + lambda I, also used by
-:class:`~influencekit.curvature.fisher.EmpiricalFisherOperator`.
+The sweep over the training data is :class:`~influencekit.curvature.example_sum.ExampleSumCurvature`'s.
 """
 
 from __future__ import annotations
@@ -35,77 +33,11 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from influencekit.curvature.base import CurvatureOperator
+from influencekit.curvature.example_sum import ExampleSumCurvature
 from influencekit.data import Batch, reshape_leading
 from influencekit.losses import cast_floats
-from influencekit.objective import check_directions
-from influencekit.torch_objective import TorchObjective
-
-
-class ExampleSumCurvature(CurvatureOperator):
-    """A curvature M = (1/n) sum_i M_i + lambda I built from per-example terms M_i.
-
-    Subclasses implement :meth:`summed_product`, the products (sum_{i in batch} M_i) v
-    for one batch; this class sweeps the training data in the objective's chunks
-    (dividing by the true n, so the batching never changes a result), adds the
-    weight decay lambda and provides the mini-batch products of stochastic
-    solvers.
-
-    Args:
-        objective: the training objective at the trained parameters; its
-            dtype is the dtype of every product.
-    """
-
-    def __init__(self, objective: TorchObjective):
-        if not isinstance(objective, TorchObjective):
-            raise TypeError(
-                f"{type(self).__name__} needs a TorchObjective (model outputs and a loss of the outputs), "
-                f"got {type(objective).__name__}"
-            )
-        self.objective = objective
-        self.dim = objective.dim
-        self.dtype = objective.dtype
-        self.n_train = objective.n_train
-        self.weight_decay = objective.weight_decay
-
-    @abstractmethod
-    def summed_product(self, batch: Batch, vectors: Tensor) -> Tensor:
-        """(sum_{i in batch} M_i) v for every row v of ``vectors`` (k, p) -> (k, p); no 1/n, no lambda."""
-
-    def matvec(self, vectors: Tensor) -> Tensor:
-        """Rows (M v_j) over the full training set; vectors (k, p) -> (k, p)."""
-        vectors = check_directions(vectors, self.dim).to(self.dtype)
-        total = torch.zeros_like(vectors)
-        for chunk in self.objective.train.chunks():
-            total += self.summed_product(cast_floats(chunk, self.dtype), vectors)
-        return total / self.n_train + self.weight_decay * vectors
-
-    def sampled_matvec(self, indices: Tensor, vectors: Tensor) -> Tensor:
-        """Mini-batch products, one mini-batch per vector.
-
-        Row j is (M_{B_j} + lambda I) v_j with M_{B_j} = (1/B) sum_{i in B_j} M_i
-        and B_j = ``indices[j]`` (repeats allowed).
-
-        Args:
-            indices: training indices, shape (k, B).
-            vectors: shape (k, p).
-        Returns:
-            shape (k, p).
-        """
-        vectors = check_directions(vectors, self.dim).to(self.dtype)
-        indices = torch.as_tensor(indices)
-        if indices.dim() != 2 or indices.shape[0] != vectors.shape[0]:
-            raise ValueError(
-                f"need one mini-batch of indices per vector: indices of shape (k, B) = ({vectors.shape[0]}, B), "
-                f"got {tuple(indices.shape)}"
-            )
-        k, b = indices.shape
-        batches = reshape_leading(cast_floats(self.objective.train.gather(indices), self.dtype), (k, b))
-
-        def one(batch: Batch, v: Tensor) -> Tensor:
-            return self.summed_product(batch, v.unsqueeze(0))[0]
-
-        return vmap(one)(batches, vectors) / b + self.weight_decay * vectors
+from influencekit.linalg import check_directions
+from influencekit.objectives.torch_objective import TorchObjective
 
 
 class GaussNewtonOperator(ExampleSumCurvature):
@@ -116,7 +48,7 @@ class GaussNewtonOperator(ExampleSumCurvature):
     explicit (p, p) matrix from products with unit vectors (small p only).
 
     Args:
-        objective: a :class:`~influencekit.torch_objective.TorchObjective`
+        objective: a :class:`~influencekit.objectives.TorchObjective`
             whose ``outputs(theta, batch)`` and ``loss(outputs, batch)`` define
             f_i and l_i.
     """

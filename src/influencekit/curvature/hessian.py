@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import Objective
+from influencekit.objectives.base import Objective
 
 
 class HessianOperator(CurvatureOperator):

@@ -13,7 +13,7 @@ CG on the exact Hessian. For each test point:
   (the features of a linear model), from an exact FAISS ``IndexFlatL2`` or
   (``--knn-index hnsw``) an approximate ``IndexHNSWFlat`` whose neighbour
   recall against the exact index is reported, scored exactly from the same
-  s_test (:mod:`influencekit.fastif`);
+  s_test (:mod:`influencekit.scores.fastif`);
 * recall@m of FastIF's top-m among the k candidates against the true top-m,
   for the most helpful (most negative I_up,loss), most harmful (most positive)
   and most influential (largest |I_up,loss|) points, averaged over test points;
@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.datasets.mnist import koh_liang_split, load_mnist
-from influencekit.fastif import (
+from influencekit.scores.fastif import (
     RECALL_KINDS,
     KNNCandidateSelector,
     RecallTable,
@@ -61,10 +61,10 @@ from influencekit.fastif import (
     fastif_recall_table,
     fastif_top_m,
 )
-from influencekit.influence import InfluenceFunction, InfluenceScores
-from influencekit.models.softmax_regression import SoftmaxFit, SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.scores.influence import InfluenceFunction, InfluenceScores
+from influencekit.objectives.softmax_regression import SoftmaxFit, SoftmaxRegressionObjective, fit_softmax_regression
 from influencekit.solvers.base import SolveResult
-from influencekit.solvers.cg import ConjugateGradient
+from influencekit.solvers.cg import CGSolver
 
 __all__ = ["KOH_LIANG_WEIGHT_DECAY", "W1", "configure", "default_test_indices", "fit_w1", "run"]
 
@@ -270,7 +270,7 @@ def recall_figure(table: RecallTable, n_train: int, path: Path) -> None:
 def timed_approximate_search(
     w1: W1,
     scores: InfluenceScores,
-    solver: ConjugateGradient,
+    solver: CGSolver,
     exact: KNNCandidateSelector,
     test_batch: tuple[Tensor, Tensor],
     test_indices: list[int],
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     test_batch = (w1.x_test[test_indices], w1.y_test[test_indices])
     print(f"fitted in {w1.fit.seconds:.1f} s (||grad R|| = {w1.fit.gradient_norm:.2e}); solving s_test and scoring all {n:,} points ...", flush=True)
 
-    solver = ConjugateGradient(HessianOperator(w1.objective), rtol=args.cg_rtol, maxiter=2000)
+    solver = CGSolver(HessianOperator(w1.objective), rtol=args.cg_rtol, maxiter=2000)
     begin = time.perf_counter()
     scores = InfluenceFunction(w1.objective, solver).scores(test_batch)
     full_seconds = time.perf_counter() - begin

@@ -34,9 +34,9 @@ import torch
 
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.curvature.spectrum import extreme_eigenvalues
-from influencekit.influence import InfluenceFunction
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
-from influencekit.solvers import ConjugateGradient, DirectSolver, LiSSA
+from influencekit.scores.influence import InfluenceFunction
+from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.solvers import CGSolver, DirectSolver, LiSSASolver
 from influencekit.validation.leave_one_out import (
     MappedRefitProblem,
     SoftmaxRefitProblem,
@@ -170,8 +170,8 @@ def reproduce(config: Fig2Config) -> dict:
     curvature = HessianOperator(objective)
     solvers = {
         "exact": lambda: exact,
-        "cg": lambda: ConjugateGradient(curvature, rtol=config.cg_rtol, maxiter=2000),
-        "lissa": lambda: LiSSA(
+        "cg": lambda: CGSolver(curvature, rtol=config.cg_rtol, maxiter=2000),
+        "lissa": lambda: LiSSASolver(
             curvature,
             scale=config.lissa_scale,
             damping=config.lissa_damping,

@@ -54,10 +54,10 @@ from influencekit.curvature.ggn import GaussNewtonOperator
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.data import Batch
 from influencekit.datasets.mnist import koh_liang_split, load_mnist
-from influencekit.fastif import recall_at_m
-from influencekit.influence import InfluenceFunction
-from influencekit.solvers.cg import ConjugateGradient
-from influencekit.torch_objective import TorchObjective
+from influencekit.scores.fastif import recall_at_m
+from influencekit.scores.influence import InfluenceFunction
+from influencekit.solvers.cg import CGSolver
+from influencekit.objectives.torch_objective import TorchObjective
 from influencekit.tracin import LastLayerTracIn, TracInCP
 
 __all__ = ["MLP", "CheckpointRecord", "configure", "cross_entropy_losses", "run", "tracin_scores", "train_sgd"]
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     curvature = GaussNewtonOperator(objective) if args.curvature == "ggn" else HessianOperator(objective)
     start = time.perf_counter()
     with tqdm(desc=f"CG on {args.curvature}", unit="product", disable=None if progress is None else not progress) as bar:
-        solver = ConjugateGradient(_ProgressOperator(curvature, bar), damping=args.damping, rtol=args.cg_rtol, maxiter=args.cg_maxiter)
+        solver = CGSolver(_ProgressOperator(curvature, bar), damping=args.damping, rtol=args.cg_rtol, maxiter=args.cg_maxiter)
         scores = InfluenceFunction(objective, solver).scores(test_batch)
     timings["influence_total"] = time.perf_counter() - start
     timings["influence_solve"] = scores.inverse_hvp.seconds

@@ -1,1 +1,1 @@
-"""Model families with closed-form fast paths."""
+"""Deprecated: the closed-form models moved to :mod:`influencekit.objectives`."""

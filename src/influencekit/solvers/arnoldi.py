@@ -31,14 +31,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import check_directions
-from influencekit.persistence import check_dimension, load_saved, save_tensors
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.persistence import load_checked, save_tensors
+from influencekit.solvers.base import SolveResult, Solver
 
 #: A new Krylov vector shorter than this fraction of ||M q_j|| means an invariant subspace: restart.
 BREAKDOWN_TOLERANCE = 1e-8
@@ -91,7 +92,15 @@ def arnoldi_eigenpairs(
     return eigenvalues, eigenvectors, {"restarts": restarts, "negative_eigenvalues": int((eigenvalues < 0).sum())}
 
 
-class ArnoldiSolver(IHVPSolver):
+class ArnoldiEigenpairs(NamedTuple):
+    """The fitted top eigenpairs M ~ U diag(eigenvalues) U^T and the fit's diagnostics."""
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    fit_info: dict
+
+
+class ArnoldiSolver(Solver):
     """iHVPs from the top-``rank`` eigenpairs of M by magnitude (Schioppa et al. 2022).
 
     x = U (Lambda + damping)^{-1} U^T b; the part of b outside span(U) is dropped
@@ -105,6 +114,9 @@ class ArnoldiSolver(IHVPSolver):
             the top-r ones accurate.
         damping: added to the kept eigenvalues.
         seed: seed of the random start (and restart) vectors.
+        measure_residuals: report ||(M + damping I) x - b|| with the full M.
+        eigenpairs: the result of an earlier fit (what :meth:`load` passes); then
+            ``curvature`` may be None (no residuals) and nothing is fitted.
 
     Attributes:
         eigenvalues: Lambda, shape (r,), by decreasing |value|.
@@ -114,18 +126,27 @@ class ArnoldiSolver(IHVPSolver):
 
     def __init__(
         self,
-        curvature: CurvatureOperator,
+        curvature: CurvatureOperator | None,
+        *,
         rank: int,
-        krylov_dim: int | None = None,
         damping: float = 0.0,
+        krylov_dim: int | None = None,
         seed: int = 0,
+        measure_residuals: bool = True,
+        eigenpairs: ArnoldiEigenpairs | None = None,
     ):
         start = time.perf_counter()
+        super().__init__(curvature, damping=damping, measure_residuals=measure_residuals)
         self.rank, self.seed = int(rank), int(seed)
-        self.krylov_dim = int(krylov_dim) if krylov_dim is not None else min(curvature.dim, max(2 * rank, rank + 20))
-        self.curvature: CurvatureOperator | None = curvature
-        eigenvalues, eigenvectors, self.fit_info = arnoldi_eigenpairs(curvature, self.rank, self.krylov_dim, self.seed)
-        self._set_state(eigenvalues, eigenvectors, float(damping))
+        if eigenpairs is None:
+            if curvature is None:
+                raise ValueError("ArnoldiSolver needs a curvature to fit, or the eigenpairs of an earlier fit")
+            self.krylov_dim = int(krylov_dim) if krylov_dim is not None else min(curvature.dim, max(2 * rank, rank + 20))
+            eigenpairs = ArnoldiEigenpairs(*arnoldi_eigenpairs(curvature, self.rank, self.krylov_dim, self.seed))
+        else:
+            self.krylov_dim = int(krylov_dim) if krylov_dim is not None else eigenpairs.eigenvectors.shape[1]
+        self.fit_info = eigenpairs.fit_info
+        self._set_state(eigenpairs.eigenvalues, eigenpairs.eigenvectors, self.damping)
         self.setup_seconds = time.perf_counter() - start
 
     def _set_state(self, eigenvalues: Tensor, eigenvectors: Tensor, damping: float) -> None:
@@ -146,10 +167,7 @@ class ArnoldiSolver(IHVPSolver):
         b = check_directions(rhs, self.dim, "rhs").to(self.eigenvectors.dtype)
         solution = ((b @ self.eigenvectors) / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
         seconds = time.perf_counter() - start
-        residuals = None
-        if self.curvature is not None:
-            residuals = (self.curvature.matvec(solution) + self.damping * solution - b).norm(dim=1)
-        return SolveResult(solution, residuals, None, seconds, {"rank": self.rank})
+        return SolveResult(solution, self.residual_norms(solution, b), None, seconds, {"rank": self.rank})
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the eigenpairs (safetensors) and rank, krylov_dim, damping, seed, fit info (JSON)."""
@@ -163,10 +181,7 @@ class ArnoldiSolver(IHVPSolver):
     @classmethod
     def load(cls, directory: str | os.PathLike[str], curvature: CurvatureOperator | None = None) -> ArnoldiSolver:
         """Rebuild a saved solver without new products; ``curvature`` (same p) only measures residuals."""
-        tensors, arguments = load_saved(directory, cls.__name__)
-        check_dimension(directory, arguments["dim"], curvature)
-        solver = cls.__new__(cls)
-        solver.rank, solver.krylov_dim, solver.seed = arguments["rank"], arguments["krylov_dim"], arguments["seed"]
-        solver.curvature, solver.fit_info, solver.setup_seconds = curvature, arguments["fit_info"], 0.0
-        solver._set_state(tensors["eigenvalues"], tensors["eigenvectors"], arguments["damping"])
-        return solver
+        tensors, arguments = load_checked(directory, cls.__name__, curvature)
+        eigenpairs = ArnoldiEigenpairs(tensors["eigenvalues"], tensors["eigenvectors"], arguments["fit_info"])
+        return cls(curvature, rank=arguments["rank"], damping=arguments["damping"], krylov_dim=arguments["krylov_dim"],
+                   seed=arguments["seed"], eigenpairs=eigenpairs)

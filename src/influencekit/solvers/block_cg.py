@@ -41,14 +41,15 @@ iteration stops when every row has.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, NotPositiveDefiniteError, SolveResult
-from influencekit.solvers.cg import Preconditioner
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult
+from influencekit.solvers.cg import KrylovSolver
 
 
 def orthonormal_rows(block: Tensor, drop_tol: float) -> Tensor:
@@ -67,7 +68,7 @@ def orthonormal_rows(block: Tensor, drop_tol: float) -> Tensor:
     return vh[singular_values > drop_tol * singular_values[0]]
 
 
-class BlockConjugateGradient(IHVPSolver):
+class BlockCGSolver(KrylovSolver):
     """Breakdown-free (preconditioned) block CG on (M + damping I) x = b for all rows b at once.
 
     Stops when every row's residual ||r_j|| <= max(rtol ||b_j||, atol) (the
@@ -76,12 +77,9 @@ class BlockConjugateGradient(IHVPSolver):
 
     Args:
         curvature: the operator M (p x p).
-        damping: added to the diagonal.
-        rtol, atol: stopping tolerances on each residual norm.
-        maxiter: cap on block iterations (default 10 p).
-        preconditioner: optional callable applying P^{-1} to a block (k, p) -> (k, p),
-            P symmetric positive definite (e.g. a :mod:`~influencekit.solvers.preconditioners` one).
         drop_tol: relative singular-value threshold of the rank-revealing orthonormalisation.
+        settings: damping, rtol, atol, maxiter (block iterations), preconditioner and
+            measure_residuals, as for every :class:`~influencekit.solvers.cg.KrylovSolver`.
 
     ``SolveResult.iterations[j]``: block iterations until row j first met its
     tolerance (all rows share every iteration; a row that met it keeps improving).
@@ -96,25 +94,9 @@ class BlockConjugateGradient(IHVPSolver):
             the suggested damping is then a lower bound).
     """
 
-    def __init__(
-        self,
-        curvature: CurvatureOperator,
-        damping: float = 0.0,
-        rtol: float = 1e-10,
-        atol: float = 0.0,
-        maxiter: int | None = None,
-        preconditioner: Preconditioner | None = None,
-        drop_tol: float = 1e-12,
-    ):
-        self.curvature = curvature
-        self.damping = float(damping)
-        self.rtol, self.atol = float(rtol), float(atol)
-        self.maxiter = maxiter if maxiter is not None else 10 * curvature.dim
-        self.preconditioner = preconditioner
+    def __init__(self, curvature: CurvatureOperator, *, drop_tol: float = 1e-12, **settings: Any):
+        super().__init__(curvature, **settings)
         self.drop_tol = float(drop_tol)
-
-    def _apply(self, vectors: Tensor) -> Tensor:
-        return self.curvature.matvec(vectors) + self.damping * vectors
 
     def _precondition(self, vectors: Tensor) -> Tensor:
         return vectors if self.preconditioner is None else self.preconditioner(vectors)
@@ -150,7 +132,7 @@ class BlockConjugateGradient(IHVPSolver):
         for _ in range(self.maxiter):
             if bool((norms <= threshold).all()) or search.shape[0] == 0:
                 break
-            image = self._apply(search)  # Q = S A, (t, p)
+            image = self.apply_damped(search)  # Q = S A, (t, p)
             factor = self._factor(search @ image.T)
             alpha = torch.cholesky_solve(search @ r.T, factor)  # (t, s)
             y += alpha.T @ search
@@ -171,7 +153,6 @@ class BlockConjugateGradient(IHVPSolver):
             search = candidate
         x = coefficients @ y
         seconds = time.perf_counter() - start
-        true_residual = (self._apply(x) - b).norm(dim=1)
         info = {
             "converged": history[-1] <= threshold,
             "rhs_rank": basis.shape[0],
@@ -180,4 +161,4 @@ class BlockConjugateGradient(IHVPSolver):
             "restarts": restarts,
             "residual_history": torch.stack(history),
         }
-        return SolveResult(x, true_residual, iterations, seconds, info)
+        return SolveResult(x, self.residual_norms(x, b), iterations, seconds, info)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Callable
@@ -12,27 +11,27 @@ from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
 from influencekit.curvature.block_diagonal import BlockDiagonalOperator, BlockSpec, CurvatureBlock
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import SolveResult, Solver, damping_per_block
 
-MakeSolver = Callable[[CurvatureOperator, str], IHVPSolver]
+MakeSolver = Callable[[CurvatureOperator, str], Solver]
 
 
-class BlockDiagonalSolver(IHVPSolver):
+class BlockDiagonalSolver(Solver):
     """Solves (M_bd + D) X^T = B^T block by block, with M_bd the block-diagonal part of M.
 
     D is diagonal with the damping d_b of block b on the coordinates of b, so
     the solution of block b is x_b = (M_{b b} + d_b I)^{-1} rhs_b. Each block is
     handed to its own solver as a :class:`~influencekit.curvature.block_diagonal.CurvatureBlock`
     of size |b| that already includes d_b (with ``matvec``, ``sampled_matvec``
-    and ``to_dense``), so ``DirectSolver``, ``ConjugateGradient`` and ``LiSSA``
+    and ``to_dense``), so ``DirectSolver``, ``CGSolver`` and ``LiSSA``
     all work per block.
 
     Args:
-        operator: the full curvature M (p x p).
+        curvature: the full curvature M (p x p).
         blocks: a partition of the coordinates of theta (see
             :mod:`influencekit.curvature.block_diagonal`).
-        make_solver: ``make_solver(block_operator, block_name) -> IHVPSolver``,
+        make_solver: ``make_solver(block_operator, block_name) -> Solver``,
             called once per block at construction (so e.g. a Cholesky factor is
             computed once). The block operator carries the damping: build the
             solver with damping 0 (a non-zero solver damping is refused, as it
@@ -50,28 +49,32 @@ class BlockDiagonalSolver(IHVPSolver):
 
     def __init__(
         self,
-        operator: CurvatureOperator,
+        curvature: CurvatureOperator,
+        *,
         blocks: BlockSpec,
         make_solver: MakeSolver,
         damping: float | Mapping[str, float] = 0.0,
     ):
-        self.curvature = BlockDiagonalOperator(operator, blocks)
+        start = time.perf_counter()
+        self.measure_residuals = True
+        self.curvature = BlockDiagonalOperator(curvature, blocks)
         self.blocks = self.curvature.blocks
-        self.dampings = _resolve_dampings(damping, list(self.blocks))
+        self.dampings = damping_per_block(damping, list(self.blocks))
         self.block_operators = {
-            name: CurvatureBlock(operator, index, self.dampings[name]) for name, index in self.blocks.items()
+            name: CurvatureBlock(curvature, index, self.dampings[name]) for name, index in self.blocks.items()
         }
-        self.solvers: dict[str, IHVPSolver] = {}
+        self.solvers: dict[str, Solver] = {}
         for name, block_operator in self.block_operators.items():
             solver = make_solver(block_operator, name)
-            if not isinstance(solver, IHVPSolver):
-                raise TypeError(f"make_solver must return an IHVPSolver, got {type(solver).__name__} for block {name!r}")
+            if not isinstance(solver, Solver):
+                raise TypeError(f"make_solver must return a Solver, got {type(solver).__name__} for block {name!r}")
             if getattr(solver, "damping", 0.0) != 0.0:
                 raise ValueError(
                     f"the solver of block {name!r} has damping {solver.damping:g}; pass dampings to "
                     "BlockDiagonalSolver(damping=...) instead (the block operators already include them)"
                 )
             self.solvers[name] = solver
+        self.setup_seconds = time.perf_counter() - start
 
     @property
     def damping(self) -> float:  # type: ignore[override]
@@ -101,18 +104,3 @@ class BlockDiagonalSolver(IHVPSolver):
         overall = torch.stack(measured).square().sum(dim=0).sqrt() if len(measured) == len(results) else None
         info = {"block_results": results, "block_residual_norms": block_residuals, "dampings": dict(self.dampings)}
         return SolveResult(solution, overall, None, time.perf_counter() - start, info)
-
-
-def _resolve_dampings(damping: float | Mapping[str, float], names: list[str]) -> dict[str, float]:
-    if isinstance(damping, Mapping):
-        unknown = sorted(set(damping) - set(names))
-        missing = [name for name in names if name not in damping]
-        if unknown or missing:
-            raise KeyError(f"damping must name every block exactly: unknown {unknown}, missing {missing}; blocks are {names}")
-        values = {name: float(damping[name]) for name in names}
-    else:
-        values = {name: float(damping) for name in names}
-    bad = {name: d for name, d in values.items() if not (d >= 0 and math.isfinite(d))}
-    if bad:
-        raise ValueError(f"dampings must be finite and >= 0, got {bad}")
-    return values

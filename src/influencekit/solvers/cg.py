@@ -9,13 +9,43 @@ import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import SolveResult, Solver
 
 Preconditioner = Callable[[Tensor], Tensor]
 
 
-class ConjugateGradient(IHVPSolver):
+class KrylovSolver(Solver):
+    """The settings every conjugate-gradient solver shares (:class:`CGSolver`, block CG).
+
+    Args:
+        curvature: the operator M.
+        damping: added to the diagonal.
+        rtol, atol: stop a right-hand side when ||r_j|| <= max(rtol ||b_j||, atol).
+        maxiter: iteration cap (default 10 p).
+        preconditioner: optional callable applying P^{-1} to a block (k, p) -> (k, p),
+            P symmetric positive definite (see :mod:`~influencekit.solvers.preconditioners`).
+        measure_residuals: recompute ||(M + damping I) x - b|| with the full operator at the end.
+    """
+
+    def __init__(
+        self,
+        curvature: CurvatureOperator,
+        *,
+        damping: float = 0.0,
+        rtol: float = 1e-10,
+        atol: float = 0.0,
+        maxiter: int | None = None,
+        preconditioner: Preconditioner | None = None,
+        measure_residuals: bool = True,
+    ):
+        super().__init__(curvature, damping=damping, measure_residuals=measure_residuals)
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.maxiter = maxiter if maxiter is not None else 10 * curvature.dim
+        self.preconditioner = preconditioner
+
+
+class CGSolver(KrylovSolver):
     """(Preconditioned) CG on (M + damping I) x = b, each row of the block its own CG.
 
     All unconverged right-hand sides share one operator pass per iteration.
@@ -23,38 +53,15 @@ class ConjugateGradient(IHVPSolver):
     positive definite (after damping); negative curvature met along the way is
     reported in ``info["negative_curvature"]`` and stops that row.
 
-    Args:
-        curvature: the operator M.
-        damping: added to the diagonal.
-        rtol, atol: stopping tolerances on the residual norm.
-        maxiter: iteration cap (default 10 p).
-        preconditioner: optional callable applying P^{-1} to a block (k, p) -> (k, p).
+    Arguments: those of :class:`KrylovSolver`.
     """
-
-    def __init__(
-        self,
-        curvature: CurvatureOperator,
-        damping: float = 0.0,
-        rtol: float = 1e-10,
-        atol: float = 0.0,
-        maxiter: int | None = None,
-        preconditioner: Preconditioner | None = None,
-    ):
-        self.curvature = curvature
-        self.damping = float(damping)
-        self.rtol, self.atol = rtol, atol
-        self.maxiter = maxiter if maxiter is not None else 10 * curvature.dim
-        self.preconditioner = preconditioner
-
-    def _apply(self, vectors: Tensor) -> Tensor:
-        return self.curvature.matvec(vectors) + self.damping * vectors
 
     def solve(self, rhs: Tensor, initial: Tensor | None = None) -> SolveResult:
         start = time.perf_counter()
         b = check_directions(rhs, self.curvature.dim, "rhs").to(self.curvature.dtype)
         k = b.shape[0]
         x = torch.zeros_like(b) if initial is None else initial.clone().to(b.dtype)
-        r = b - self._apply(x) if initial is not None else b.clone()
+        r = b - self.apply_damped(x) if initial is not None else b.clone()
         precond = self.preconditioner or (lambda v: v)
         z = precond(r)
         d = z.clone()
@@ -68,7 +75,7 @@ class ConjugateGradient(IHVPSolver):
             if not active.any():
                 break
             idx = active.nonzero().squeeze(1)
-            md = self._apply(d[idx])
+            md = self.apply_damped(d[idx])
             curvature = (d[idx] * md).sum(dim=1)
             bad = curvature <= 0
             if bad.any():
@@ -91,10 +98,9 @@ class ConjugateGradient(IHVPSolver):
             history.append(norms)
             active &= norms > threshold
         seconds = time.perf_counter() - start
-        true_residual = (self._apply(x) - b).norm(dim=1)
         info = {
             "converged": (history[-1] <= threshold) & ~negative_curvature,
             "negative_curvature": negative_curvature,
             "residual_history": torch.stack(history),
         }
-        return SolveResult(x, true_residual, iterations, seconds, info)
+        return SolveResult(x, self.residual_norms(x, b), iterations, seconds, info)

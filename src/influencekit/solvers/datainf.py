@@ -43,14 +43,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from influencekit.objective import Objective, check_directions
-from influencekit.persistence import check_dimension, load_saved, save_tensors
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.curvature.base import CurvatureOperator
+from influencekit.curvature.fisher import EmpiricalFisherOperator
+from influencekit.linalg import check_directions
+from influencekit.objectives.base import Objective
+from influencekit.persistence import load_checked, save_tensors
+from influencekit.solvers.base import SolveResult, Solver, damping_per_block
 
 BlockName = int | str
 DEFAULT_DAMPING_FACTOR = 0.1
@@ -86,29 +90,47 @@ def _parse_damping(
     squared_norms: Tensor,
     sizes: list[int],
 ) -> list[float]:
-    """One lambda_l per block from any accepted form (None: the paper's default from ``squared_norms`` (n, L))."""
+    """One lambda_l > 0 per block from any accepted form (None: the paper's default from ``squared_norms`` (n, L))."""
     if damping is None:
         values = [DEFAULT_DAMPING_FACTOR * float(squared_norms[:, l].mean()) / size for l, size in enumerate(sizes)]
-    elif isinstance(damping, Mapping):
-        if set(damping) != set(names):
-            raise ValueError(f"damping keys {sorted(map(str, damping))} must be the block names {sorted(map(str, names))}")
-        values = [float(damping[name]) for name in names]
-    elif isinstance(damping, Sequence):
-        if len(damping) != len(names):
-            raise ValueError(f"need one damping per block ({len(names)}), got {len(damping)}")
-        values = [float(value) for value in damping]
-    else:
-        values = [float(damping)] * len(names)
-    for name, value in zip(names, values):
-        if not value > 0:
-            raise ValueError(
-                f"damping of block {name!r} is {value:g}; DataInf needs lambda_l > 0"
-                + (" (the default is zero because every gradient in the block is zero: pass damping)" if damping is None else "")
-            )
-    return values
+        for name, value in zip(names, values):
+            if not value > 0:
+                raise ValueError(
+                    f"damping of block {name!r} is {value:g}; DataInf needs lambda_l > 0 (the default is zero "
+                    "because every gradient in the block is zero: pass damping)"
+                )
+        return values
+    return list(damping_per_block(damping, names, positive=True).values())
 
 
-class DataInfSolver(IHVPSolver):
+@dataclass(frozen=True)
+class DataInfFit:
+    """What DataInf fits: ||g_il||^2 (n, L), and all gradients (n, p) when they are kept."""
+
+    squared_norms: Tensor
+    gradients: Tensor | None = None
+
+
+def _objective_of(curvature: Objective | CurvatureOperator | None) -> Objective | None:
+    """The objective behind DataInf's curvature argument: an objective, or the empirical Fisher built on one."""
+    if curvature is None or not isinstance(curvature, CurvatureOperator):
+        return curvature
+    if not isinstance(curvature, EmpiricalFisherOperator):
+        raise TypeError(
+            f"DataInf approximates the empirical Fisher; pass an EmpiricalFisherOperator or the objective itself, "
+            f"not a {type(curvature).__name__}"
+        )
+    return curvature.objective
+
+
+def _blocks_extent(blocks: Sequence[slice] | Mapping[str, slice] | None) -> int:
+    if blocks is None:
+        raise ValueError("a DataInf fit without an objective needs its blocks to know p")
+    values = blocks.values() if isinstance(blocks, Mapping) else blocks
+    return max(block.stop for block in values)
+
+
+class DataInfSolver(Solver):
     """x_l = R_l b_l per block: DataInf's inverse harmonic mean (see the module docstring).
 
     Approximates the inverse of the damped, block-diagonal **empirical Fisher**,
@@ -116,7 +138,9 @@ class DataInfSolver(IHVPSolver):
     no separate damping is added.
 
     Args:
-        objective: provides per-example gradients (``train_gradients``), n and p.
+        curvature: the objective whose per-example gradients (``train_gradients``)
+            define the empirical Fisher, or an :class:`EmpiricalFisherOperator` of it;
+            None only with ``fitted`` gradients.
         damping: lambda_l: one float for all blocks, a sequence (one per block, in
             order) or a mapping from block name; None: the paper's default
             0.1 (n d_l)^{-1} sum_i ||g_il||^2.
@@ -127,7 +151,8 @@ class DataInfSolver(IHVPSolver):
         chunk_size: examples per gradient chunk (memory O(chunk_size p)).
         store_gradients: keep all n gradients (n, p) in memory (and in ``save``):
             faster solves, no gradient passes, and a loaded solver needs no objective.
-        measure_residual: report ||blockdiag(G_l) x - b|| (an extra gradient pass).
+        measure_residuals: report ||blockdiag(G_l) x - b|| (an extra gradient pass).
+        fitted: an earlier fit (what :meth:`load` passes): nothing is computed.
 
     Attributes:
         block_names, blocks: the blocks, in order.
@@ -137,36 +162,49 @@ class DataInfSolver(IHVPSolver):
 
     def __init__(
         self,
-        objective: Objective,
+        curvature: Objective | CurvatureOperator | None,
+        *,
         damping: float | Sequence[float] | Mapping[BlockName, float] | None = None,
         blocks: Sequence[slice] | Mapping[str, slice] | None = None,
         include_weight_decay: bool = False,
         chunk_size: int = 1024,
         store_gradients: bool = False,
-        measure_residual: bool = True,
+        measure_residuals: bool = True,
+        fitted: DataInfFit | None = None,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         start = time.perf_counter()
-        self.objective: Objective | None = objective
-        self.dim, self.n_train = objective.dim, objective.n_train
+        self.objective = _objective_of(curvature)
+        self.curvature = curvature if isinstance(curvature, CurvatureOperator) else None
+        if fitted is None and self.objective is None:
+            raise ValueError("DataInfSolver needs an objective (or its empirical Fisher) to fit, or an earlier fit")
         self.include_weight_decay, self.chunk_size = bool(include_weight_decay), int(chunk_size)
-        self.measure_residual = bool(measure_residual)
+        self.measure_residuals = bool(measure_residuals)
+        if fitted is not None:
+            self.n_train = fitted.squared_norms.shape[0]
+            self.dim = self.objective.dim if self.objective is not None else _blocks_extent(blocks)
+        else:
+            self.dim, self.n_train = self.objective.dim, self.objective.n_train
         named = _parse_blocks(blocks, self.dim)
         self.block_names = [name for name, _ in named]
         self.blocks = [block for _, block in named]
-        self.gradients: Tensor | None = None
+        if fitted is None:
+            fitted = self._fit(store_gradients)
+        self.squared_norms, self.gradients = fitted.squared_norms, fitted.gradients
+        if self.objective is not None and self.gradients is None and self.objective.n_train != self.n_train:
+            raise ValueError(f"the fit has n = {self.n_train} examples, the objective has {self.objective.n_train}")
+        sizes = [block.stop - block.start for block in self.blocks]
+        self.block_damping = _parse_damping(damping, self.block_names, self.squared_norms, sizes)
+        self.setup_seconds = time.perf_counter() - start
+
+    def _fit(self, store_gradients: bool) -> DataInfFit:
         norms, kept = [], []
         for chunk in self._computed_chunks():
             norms.append(self._block_squared_norms(chunk))
             if store_gradients:
                 kept.append(chunk)
-        self.squared_norms = torch.cat(norms)
-        if store_gradients:
-            self.gradients = torch.cat(kept)
-        sizes = [block.stop - block.start for block in self.blocks]
-        self.block_damping = _parse_damping(damping, self.block_names, self.squared_norms, sizes)
-        self.setup_seconds = time.perf_counter() - start
+        return DataInfFit(torch.cat(norms), torch.cat(kept) if store_gradients else None)
 
     @property
     def damping(self) -> float:  # type: ignore[override]
@@ -214,7 +252,7 @@ class DataInfSolver(IHVPSolver):
         for block, lam in zip(self.blocks, self.block_damping):
             solution[:, block] = (b[:, block] - correction[:, block] / self.n_train) / lam
         seconds = time.perf_counter() - start
-        residuals = (self.fisher_matvec(solution) - b).norm(dim=1) if self.measure_residual else None
+        residuals = (self.fisher_matvec(solution) - b).norm(dim=1) if self.measure_residuals else None
         return SolveResult(solution, residuals, None, seconds, {"block_damping": list(self.block_damping)})
 
     def fisher_matvec(self, vectors: Tensor) -> Tensor:
@@ -242,7 +280,7 @@ class DataInfSolver(IHVPSolver):
             tensors,
             {"class": type(self).__name__, "dim": self.dim, "n_train": self.n_train, "blocks": blocks,
              "block_damping": self.block_damping, "include_weight_decay": self.include_weight_decay,
-             "chunk_size": self.chunk_size, "measure_residual": self.measure_residual},
+             "chunk_size": self.chunk_size, "measure_residuals": self.measure_residuals},
         )
 
     @classmethod
@@ -253,20 +291,22 @@ class DataInfSolver(IHVPSolver):
         its first examples must match the saved ones (else ``ValueError``: the
         model or data changed since the fit).
         """
-        tensors, arguments = load_saved(directory, cls.__name__)
-        check_dimension(directory, arguments["dim"], objective)
+        tensors, arguments = load_checked(directory, cls.__name__, objective)
         if objective is not None and objective.n_train != arguments["n_train"]:
             raise ValueError(f"{directory} was fitted on n = {arguments['n_train']} examples, the objective has {objective.n_train}")
         if objective is None and "gradients" not in tensors:
             raise ValueError(f"{directory} stores no gradients: pass the objective to load it")
-        solver = cls.__new__(cls)
-        solver.objective, solver.dim, solver.n_train = objective, arguments["dim"], arguments["n_train"]
-        solver.include_weight_decay, solver.chunk_size = arguments["include_weight_decay"], arguments["chunk_size"]
-        solver.measure_residual, solver.setup_seconds = arguments["measure_residual"], 0.0
-        solver.block_names = [entry["name"] for entry in arguments["blocks"]]
-        solver.blocks = [slice(entry["start"], entry["stop"]) for entry in arguments["blocks"]]
-        solver.block_damping = [float(value) for value in arguments["block_damping"]]
-        solver.squared_norms, solver.gradients = tensors["squared_norms"], tensors.get("gradients")
+        blocks = {entry["name"]: slice(entry["start"], entry["stop"]) for entry in arguments["blocks"]}
+        names = [entry["name"] for entry in arguments["blocks"]]
+        solver = cls(
+            objective,
+            damping=dict(zip(names, arguments["block_damping"])),
+            blocks=blocks,
+            include_weight_decay=arguments["include_weight_decay"],
+            chunk_size=arguments["chunk_size"],
+            measure_residuals=arguments.get("measure_residuals", arguments.get("measure_residual", True)),
+            fitted=DataInfFit(tensors["squared_norms"], tensors.get("gradients")),
+        )
         if objective is not None:
             solver._verify(objective)
         return solver

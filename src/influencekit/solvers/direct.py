@@ -7,14 +7,14 @@ import time
 import torch
 from torch import Tensor
 
-from influencekit.curvature.base import CurvatureOperator
+from influencekit.curvature.base import CurvatureOperator, DenseOperator
 from influencekit.curvature.spectrum import SpectrumSummary, spectrum_summary
 from influencekit.linalg import cholesky_solve
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, NotPositiveDefiniteError, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult, Solver
 
 
-class DirectSolver(IHVPSolver):
+class DirectSolver(Solver):
     """Exact iHVPs from the Cholesky factor of M + damping I (M explicit, p x p).
 
     Raises :class:`NotPositiveDefiniteError` (listing the offending eigenvalues
@@ -23,13 +23,14 @@ class DirectSolver(IHVPSolver):
     Args:
         curvature: a curvature operator (made explicit once) or a matrix (p, p).
         damping: added to the diagonal.
+        measure_residuals: report ||(M + damping I) x - b|| (one product with the explicit M).
     """
 
-    def __init__(self, curvature: CurvatureOperator | Tensor, damping: float = 0.0):
+    def __init__(self, curvature: CurvatureOperator | Tensor, *, damping: float = 0.0, measure_residuals: bool = True):
         start = time.perf_counter()
         matrix = curvature if isinstance(curvature, Tensor) else curvature.to_dense()
+        super().__init__(DenseOperator(matrix), damping=damping, measure_residuals=measure_residuals)
         self.matrix = matrix
-        self.damping = float(damping)
         self.dim = matrix.shape[0]
         damped = matrix + self.damping * torch.eye(self.dim, dtype=matrix.dtype)
         factor, info = torch.linalg.cholesky_ex(damped)
@@ -46,8 +47,7 @@ class DirectSolver(IHVPSolver):
         rhs = check_directions(rhs, self.dim, "rhs").to(self.matrix.dtype)
         solution = cholesky_solve(self.factor, rhs)
         seconds = time.perf_counter() - start
-        residual = solution @ self.matrix + self.damping * solution - rhs
-        return SolveResult(solution.contiguous(), residual.norm(dim=1), None, seconds)
+        return SolveResult(solution.contiguous(), self.residual_norms(solution, rhs), None, seconds)
 
     def inverse_operator(self) -> "CholeskyInverse":
         """(M + damping I)^{-1} as a curvature operator (for Lanczos on the inverse)."""

@@ -1,94 +1,27 @@
-"""K-FAC and EK-FAC: Kronecker-factored approximations of the Gauss-Newton matrix, and their inverses.
+"""The inverse of the K-FAC / EK-FAC curvature: (G_kfac + lambda I + damping)^{-1} b in the Kronecker eigenbasis.
 
-The generalised Gauss-Newton (GGN) of a :class:`~influencekit.torch_objective.TorchObjective` is
-
-    G = (1/n) sum_i J_i^T H_i J_i + lambda I ,
-
-with J_i the Jacobian of the model outputs of example i with respect to theta,
-H_i the Hessian of the loss with respect to those outputs and lambda the weight
-decay. Writing H_i = L_i L_i^T (cross-entropy on logits: L = diag(sqrt p) - p sqrt(p)^T,
-squared error 0.5||o - y||^2: L = I), G is a sum of outer products of
-*pseudo-gradients* J_i^T l_{ic}, one per column c of L_i.
-
-For a layer with weight W (out, in) and bias b, let a be its input with a 1
-appended (bias), and s_c the gradient of <outputs, l_c> with respect to the
-layer's output (pre-activation). The pseudo-gradient of [W, b] is s_c a^T, and
-the layer's GGN block is (1/n) sum_i sum_c (s_ic s_ic^T) kron (a_i a_i^T).
-K-FAC (Martens & Grosse 2015) approximates it by S kron A with
-
-    A = (1/n) sum_i a_i a_i^T ,   S = (1/n) sum_i sum_c s_ic s_ic^T ,
-
-block-diagonally over layers. Convolutions (KFC, Grosse & Martens 2016) use the
-im2col patches as a and sum over the T spatial locations t:
-A = (1/n) sum_i sum_t a_it a_it^T and S = (1/n) sum_i (1/T) sum_t sum_c s_ict s_ict^T
-(only the product S kron A matters; the 1/T puts the KFC normalisation on S).
-Linear layers applied to inputs with extra leading dimensions (B, ..., in) are
-treated the same way, the extra dimensions playing the role of locations.
-
-With A = Q_A diag(l_A) Q_A^T and S = Q_S diag(l_S) Q_S^T, K-FAC is diagonal in
-the Kronecker eigenbasis Q_S kron Q_A with eigenvalues l_S l_A^T. EK-FAC
-(George et al. 2018) keeps that basis but replaces the eigenvalues by the exact
-diagonal of the GGN block in it,
-
-    Lambda[o, j] = (1/n) sum_i sum_c ((Q_S^T G_ic Q_A)[o, j])^2 ,  G_ic = sum_t s_ict a_it^T ,
-
-which is the Frobenius-closest matrix to the GGN block among those diagonal in
-that basis (so EK-FAC is never further from the exact block than K-FAC).
-
-The inverse is applied in matrix form, without Kronecker products: a layer's
-part of a vector, reshaped to V (out, in + 1) (the weight (out, in) row-major,
-then the bias as the last column), maps to Q_S [(Q_S^T V Q_A) / (Lambda + lambda + damping)] Q_A^T.
-The weight decay lambda of the objective is part of the approximated curvature
-(as for :class:`~influencekit.curvature.HessianOperator`); ``damping`` (one
-number, or one per layer) is added on top.
+With a layer's approximation diagonal in the basis Q_S kron Q_A with eigenvalues
+Lambda (:class:`~influencekit.curvature.kfac.KFACCurvature`), its part V (out, columns)
+of a vector maps to Q_S [(Q_S^T V Q_A) / (Lambda + lambda + damping)] Q_A^T, without
+forming any Kronecker product. ``damping`` is one number or one per layer.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.data import Batch, batch_size, index_batch
-from influencekit.losses import BUILTIN_LOSSES, cast_floats
-from influencekit.objective import check_directions
-from influencekit.persistence import load_tensors, save_tensors
-from influencekit.solvers.base import IHVPSolver, NotPositiveDefiniteError, SolveResult
-
-OutputHessianFactor = Callable[[Tensor, Batch], Tensor]
-"""``factor(outputs, batch) -> L`` of shape (B, D, R) with D = outputs[0].numel() and H_out = L L^T."""
-
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-_SAVED_CLASS = "KFACSolver"
-_FORMAT_VERSION = 1
-
-
-def cross_entropy_hessian_factor(outputs: Tensor, batch: Batch) -> Tensor:
-    """L with L L^T = diag(p) - p p^T, p = softmax(logits); shape (B, C, C), column c = sqrt(p_c) (e_c - p)."""
-    if outputs.dim() != 2:
-        raise ValueError(f"cross-entropy K-FAC needs logits of shape (B, C), got {tuple(outputs.shape)}")
-    p = torch.softmax(outputs, dim=1)
-    root = p.sqrt()
-    return torch.diag_embed(root) - p.unsqueeze(2) * root.unsqueeze(1)
-
-
-def squared_error_hessian_factor(outputs: Tensor, batch: Batch) -> Tensor:
-    """L = I (D x D) for the per-example loss 0.5 ||o - y||^2 summed over the D output entries."""
-    d = outputs[0].numel()
-    return torch.eye(d, dtype=outputs.dtype, device=outputs.device).expand(outputs.shape[0], d, d)
-
-
-BUILTIN_OUTPUT_HESSIANS: dict[str, OutputHessianFactor] = {
-    "cross_entropy": cross_entropy_hessian_factor,
-    "squared_error": squared_error_hessian_factor,
-}
+from influencekit.curvature.kfac import KFACCurvature, OutputHessianFactor
+from influencekit.linalg import check_directions
+from influencekit.persistence import load_tensors
+from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult, Solver, damping_per_block
 
 
 class SingularKFACError(NotPositiveDefiniteError):
@@ -109,599 +42,117 @@ class SingularKFACError(NotPositiveDefiniteError):
         )
 
 
-@dataclass
-class KFACFactors:
-    """The fitted factors of one layer (all in the layout V (out, columns), columns = [weight inputs, bias]).
-
-    Attributes:
-        A: input covariance, shape (columns, columns).
-        S: pseudo-gradient covariance, shape (out, out).
-        eigenvalues_A, eigenvectors_A: A = Q_A diag(l_A) Q_A^T (eigenvalues clamped at 0).
-        eigenvalues_S, eigenvectors_S: S = Q_S diag(l_S) Q_S^T (eigenvalues clamped at 0).
-        corrected_eigenvalues: EK-FAC's diagonal of the GGN block in the basis Q_S kron Q_A,
-            shape (out, columns), or None for plain K-FAC.
-    """
-
-    A: Tensor
-    S: Tensor
-    eigenvalues_A: Tensor
-    eigenvectors_A: Tensor
-    eigenvalues_S: Tensor
-    eigenvectors_S: Tensor
-    corrected_eigenvalues: Tensor | None = None
-
-    def eigenvalues(self) -> Tensor:
-        """The approximation's eigenvalues as a (out, columns) grid (EK-FAC's if corrected, else l_S l_A^T)."""
-        if self.corrected_eigenvalues is not None:
-            return self.corrected_eigenvalues
-        return torch.outer(self.eigenvalues_S, self.eigenvalues_A)
-
-    def dense(self) -> Tensor:
-        """The layer's approximated GGN block, (out columns) x (out columns) in V's row-major order, without
-        weight decay or damping: (Q_S kron Q_A) diag(eigenvalues) (Q_S kron Q_A)^T."""
-        basis = torch.kron(self.eigenvectors_S, self.eigenvectors_A)
-        return (basis * self.eigenvalues().reshape(-1)) @ basis.T
-
-    _NAMES = ("A", "S", "eigenvalues_A", "eigenvectors_A", "eigenvalues_S", "eigenvectors_S", "corrected_eigenvalues")
-
-
-@dataclass(frozen=True)
-class KFACLayer:
-    """A supported layer with attributed parameters, and where they sit in theta.
-
-    Attributes:
-        name: module name (key of ``damping`` dicts).
-        module: the ``nn.Linear`` / ``nn.Conv2d``.
-        weight: slice of theta holding the weight (row-major (out, in_features)), or None if not attributed.
-        bias: slice of theta holding the bias, or None (no bias, or not attributed).
-        out_features: rows of V.
-        in_features: weight columns (in, or in_channels * kh * kw for convolutions).
-    """
-
-    name: str
-    module: nn.Module
-    weight: slice | None
-    bias: slice | None
-    out_features: int
-    in_features: int
-
-    @property
-    def columns(self) -> int:
-        """Columns of V: the weight's inputs (if attributed) and 1 for the bias (if attributed)."""
-        return (self.in_features if self.weight is not None else 0) + (1 if self.bias is not None else 0)
-
-    def gather(self, vectors: Tensor) -> Tensor:
-        """This layer's part of each row of ``vectors`` (k, p) as V, shape (k, out, columns)."""
-        k = vectors.shape[0]
-        parts = []
-        if self.weight is not None:
-            parts.append(vectors[:, self.weight].reshape(k, self.out_features, self.in_features))
-        if self.bias is not None:
-            parts.append(vectors[:, self.bias].reshape(k, self.out_features, 1))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    def scatter(self, blocks: Tensor, into: Tensor) -> None:
-        """Write V blocks (k, out, columns) back into their positions of ``into`` (k, p)."""
-        k = blocks.shape[0]
-        if self.weight is not None:
-            into[:, self.weight] = blocks[:, :, : self.in_features].reshape(k, -1)
-        if self.bias is not None:
-            into[:, self.bias] = blocks[:, :, -1]
-
-    def theta_indices(self) -> Tensor:
-        """Index into theta of every entry of V (out, columns), row-major: shape (out * columns,)."""
-        parts = []
-        if self.weight is not None:
-            parts.append(torch.arange(self.weight.start, self.weight.stop).reshape(self.out_features, self.in_features))
-        if self.bias is not None:
-            parts.append(torch.arange(self.bias.start, self.bias.stop).reshape(self.out_features, 1))
-        return torch.cat(parts, dim=1).reshape(-1)
-
-    def inputs_to_columns(self, inputs: Tensor) -> Tensor:
-        """The layer input as a (B, T, columns) tensor: per location, the weight's input and a 1 for the bias."""
-        batch = inputs.shape[0]
-        if isinstance(self.module, nn.Conv2d):
-            if inputs.dim() != 4:
-                raise ValueError(
-                    f"K-FAC needs batched Conv2d inputs (B, C, H, W) in layer {self.name!r}, got {tuple(inputs.shape)}"
-                )
-            m = self.module
-            if isinstance(m.padding, str) or m.padding_mode != "zeros":
-                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                inputs = F.pad(inputs, m._reversed_padding_repeated_twice, mode=mode)
-                padding: Any = 0
-            else:
-                padding = m.padding
-            patches = F.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-            columns = patches.transpose(1, 2)  # (B, T, C_in kh kw), weight's flattening order
-        else:
-            columns = inputs.reshape(batch, -1, inputs.shape[-1])
-        pieces = [columns] if self.weight is not None else []
-        if self.bias is not None:
-            pieces.append(columns.new_ones(batch, columns.shape[1], 1))
-        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
-
-    def output_gradients_to_rows(self, grads: Tensor) -> Tensor:
-        """Gradients at the layer output, shape (R, B, *output shape), as (R, B, T, out)."""
-        r, b = grads.shape[:2]
-        if isinstance(self.module, nn.Conv2d):
-            return grads.reshape(r, b, self.out_features, -1).transpose(2, 3)
-        return grads.reshape(r, b, -1, self.out_features)
-
-
-def find_layers(model: nn.Module, space: Any) -> list[KFACLayer]:
-    """The supported layers holding the attributed parameters of ``space``; raises if any parameter is elsewhere."""
-    offsets = space.offsets()
-    layers: list[KFACLayer] = []
-    covered: set[str] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_LAYERS):
-            continue
-        prefix = f"{name}." if name else ""
-        weight = offsets.get(prefix + "weight")
-        bias = offsets.get(prefix + "bias") if module.bias is not None else None
-        if weight is None and bias is None:
-            continue
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise ValueError(f"K-FAC supports Conv2d with groups=1 only; layer {name!r} has groups={module.groups}")
-            in_features = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-            out_features = module.out_channels
-        else:
-            in_features, out_features = module.in_features, module.out_features
-        layers.append(KFACLayer(name, module, weight, bias, out_features, in_features))
-        covered.update(n for n, s in ((prefix + "weight", weight), (prefix + "bias", bias)) if s is not None)
-    missing = [n for n in space.names if n not in covered]
-    if missing:
-        raise ValueError(
-            f"K-FAC covers the weights and biases of nn.Linear and nn.Conv2d layers only; the attributed "
-            f"parameters {missing} belong to no such layer. Restrict the attributed parameters with "
-            f"TorchObjective(..., params=[...]) or use another solver."
-        )
-    return layers
-
-
-class KFACSolver(IHVPSolver):
-    """Solves (G_kfac + lambda I + damping) x = b with K-FAC or EK-FAC (``eigenvalue_correction=True``).
+class KFACSolver(Solver):
+    """Solves (G_kfac + lambda I + damping) x = b with K-FAC or EK-FAC.
 
     Args:
-        objective: a :class:`~influencekit.torch_objective.TorchObjective` whose attributed
-            parameters all belong to ``nn.Linear`` / ``nn.Conv2d`` layers (weights and biases).
+        curvature: a :class:`~influencekit.curvature.kfac.KFACCurvature` (fitted or not),
+            or the :class:`~influencekit.objectives.TorchObjective` to build one from with
+            ``eigenvalue_correction``, ``chunk_size`` and ``output_hessian``.
         damping: added to the approximation's eigenvalues; one number, or a dict
-            {module name: damping} naming every layer (see :attr:`layers`).
-        eigenvalue_correction: False: K-FAC; True: EK-FAC (a second pass over the data).
-        chunk_size: examples per forward/backward pass while fitting (bounds memory).
-        output_hessian: how the loss curves in the model outputs: "cross_entropy",
-            "squared_error" or a callable ``(outputs, batch) -> L`` (B, D, R) with
-            H_out = L L^T; default: inferred from the objective's built-in loss.
-        residual_operator: when given (e.g. a GGN or Hessian curvature operator of the same
-            objective, including its weight decay), ``solve`` reports
-            ||(operator + damping) x - b|| per row; otherwise no residuals.
+            {module name: damping} naming every layer (see ``approximation.layers``).
+        eigenvalue_correction, chunk_size, output_hessian: as in ``KFACCurvature``,
+            used when ``curvature`` is an objective.
+        residual_operator: the operator M the residuals ||(M + damping) x - b|| are
+            measured with (e.g. the GGN or Hessian of the same objective); without it
+            there are no residuals: the approximation solves its own system exactly.
+        measure_residuals: measure them when ``residual_operator`` is given.
 
-    The factors are fitted on the first use (or by :meth:`fit`).
+    Attributes:
+        approximation: the :class:`KFACCurvature`.
+        layer_damping: the damping of each layer.
     """
 
     def __init__(
         self,
-        objective: Any,
+        curvature: KFACCurvature | Any,
+        *,
         damping: float | Mapping[str, float] = 0.0,
         eigenvalue_correction: bool = False,
         chunk_size: int = 256,
-        *,
         output_hessian: str | OutputHessianFactor | None = None,
         residual_operator: CurvatureOperator | None = None,
+        measure_residuals: bool = True,
     ):
-        for attribute in ("model", "space", "outputs", "train"):
-            if not hasattr(objective, attribute):
-                raise TypeError(
-                    f"KFACSolver needs a TorchObjective (model, space, outputs, train), got {type(objective).__name__}"
-                )
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.objective = objective
-        self.eigenvalue_correction = bool(eigenvalue_correction)
-        self.chunk_size = int(chunk_size)
-        self.residual_operator = residual_operator
-        self.output_hessian_name, self.output_hessian = _resolve_output_hessian(output_hessian, objective)
-        self.layers = find_layers(objective.model, objective.space)
-        self.layer_damping = _resolve_damping(damping, [layer.name for layer in self.layers])
-        self.damping = damping if isinstance(damping, (int, float)) else dict(damping)
-        self.dim = objective.space.dim
-        self.dtype = objective.dtype
-        self.device = objective.parameters_vector().device
-        self.factors: dict[str, KFACFactors] | None = None
-        self.n_examples: int | None = None
-        self.fit_seconds: float | None = None
+        if not isinstance(curvature, KFACCurvature):
+            curvature = KFACCurvature(
+                curvature, eigenvalue_correction=eigenvalue_correction, chunk_size=chunk_size, output_hessian=output_hessian
+            )
+        self.approximation = curvature
+        self.layer_damping = damping_per_block(damping, [layer.name for layer in curvature.layers], what="layer")
+        self.curvature = residual_operator
+        self.measure_residuals = bool(measure_residuals)
+        self.damping = damping if isinstance(damping, (int, float)) else dict(damping)  # type: ignore[assignment]
+        self.dim, self.dtype = curvature.dim, curvature.dtype
 
-    # -- fitting -------------------------------------------------------------------------
     @property
-    def method(self) -> str:
-        return "ekfac" if self.eigenvalue_correction else "kfac"
+    def setup_seconds(self) -> float:  # type: ignore[override]
+        """Seconds of the approximation's fit (0 before it, or when loaded)."""
+        return self.approximation.fit_seconds or 0.0
 
-    def _batches(self):
-        for chunk in self.objective.train.chunks():
-            chunk = cast_floats(chunk, self.dtype)
-            size = batch_size(chunk)
-            for start in range(0, size, self.chunk_size):
-                yield index_batch(chunk, slice(start, start + self.chunk_size)) if size > self.chunk_size else chunk
-
-    def _layer_statistics(self, batch: Batch) -> tuple[int, dict[str, tuple[Tensor, Tensor]]]:
-        """One forward and a batched backward: per layer, a (B, T, columns) and s (R, B, T, out)."""
-        records: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def make_hook(layer: KFACLayer):
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-                if layer.name in records:
-                    raise ValueError(
-                        f"layer {layer.name!r} ran more than once in one forward pass; K-FAC does not "
-                        f"support shared (tied) layers"
-                    )
-                inputs = args[0] if args else next(iter(kwargs.values()))
-                records[layer.name] = (inputs.detach(), output)
-
-            return hook
-
-        handles = [layer.module.register_forward_hook(make_hook(layer), with_kwargs=True) for layer in self.layers]
-        try:
-            theta = self.objective.parameters_vector().detach().clone().requires_grad_(True)
-            outputs = self.objective.outputs(theta, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"K-FAC needs the forward to return one tensor of outputs, got {type(outputs).__name__}")
-        b = outputs.shape[0]
-        factor = self.output_hessian(outputs.detach(), batch)
-        if factor.dim() != 3 or factor.shape[0] != b or factor.shape[1] != outputs[0].numel():
-            raise ValueError(
-                f"the output Hessian factor must have shape (B, D, R) = ({b}, {outputs[0].numel()}, R), "
-                f"got {tuple(factor.shape)}"
-            )
-        seeds = factor.permute(2, 0, 1).reshape(factor.shape[2], *outputs.shape).to(outputs.dtype)
-        unused = [layer.name for layer in self.layers if layer.name not in records]
-        if unused:
-            raise ValueError(
-                f"the forward hooks of layers {unused} never ran: their parameters are attributed but the module "
-                f"was not called (e.g. its weight is used through a functional call, as in nn.MultiheadAttention); "
-                f"K-FAC cannot see their inputs. Leave them out with TorchObjective(..., params=[...])"
-            )
-        layer_outputs = [records[layer.name][1] for layer in self.layers]
-        grads = _batched_backward(outputs, layer_outputs, seeds)
-        stats = {}
-        for layer, out, grad in zip(self.layers, layer_outputs, grads):
-            if grad is None:
-                grad = out.new_zeros(seeds.shape[0], *out.shape)
-            a = layer.inputs_to_columns(records[layer.name][0])
-            stats[layer.name] = (a, layer.output_gradients_to_rows(grad.detach()))
-        return b, stats
-
-    def fit(self) -> "KFACSolver":
-        """Fit A and S of every layer (and EK-FAC's eigenvalues) over the training data; returns self."""
-        start = time.perf_counter()
-        options = {"dtype": self.dtype, "device": self.device}
-        sums_a = {layer.name: torch.zeros(layer.columns, layer.columns, **options) for layer in self.layers}
-        sums_s = {layer.name: torch.zeros(layer.out_features, layer.out_features, **options) for layer in self.layers}
-        n = 0
-        for batch in self._batches():
-            size, stats = self._layer_statistics(batch)
-            n += size
-            for name, (a, s) in stats.items():
-                sums_a[name] += torch.einsum("bti,btj->ij", a, a)
-                sums_s[name] += torch.einsum("rbto,rbtq->oq", s, s) / s.shape[2]
-        factors = {}
-        for layer in self.layers:
-            a_matrix = _symmetric(sums_a[layer.name] / n)
-            s_matrix = _symmetric(sums_s[layer.name] / n)
-            eigenvalues_a, eigenvectors_a = torch.linalg.eigh(a_matrix)
-            eigenvalues_s, eigenvectors_s = torch.linalg.eigh(s_matrix)
-            factors[layer.name] = KFACFactors(  # contiguous, as after a save/load round trip (same kernels, same bits)
-                a_matrix.contiguous(),
-                s_matrix.contiguous(),
-                eigenvalues_a.clamp_min(0).contiguous(),
-                eigenvectors_a.contiguous(),
-                eigenvalues_s.clamp_min(0).contiguous(),
-                eigenvectors_s.contiguous(),
-            )
-        if self.eigenvalue_correction:
-            bases = {name: (f.eigenvectors_A, f.eigenvectors_S) for name, f in factors.items()}
-            for name, mean in self._mean_rotated_squares(bases).items():
-                factors[name].corrected_eigenvalues = mean.contiguous()
-        self.factors, self.n_examples = factors, n
-        self.fit_seconds = time.perf_counter() - start
+    def fit(self) -> KFACSolver:
+        """Fit the approximation now (otherwise it is fitted on the first solve); returns self."""
+        self.approximation.fit()
         return self
 
-    def exact_diagonal(self) -> Tensor:
-        """The exact diagonal of the GGN plus weight decay, (1/n) sum_i sum_c (J_i^T l_ic)^2 + lambda, shape (p,).
+    def damping_vector(self) -> Tensor:
+        """The damping of each coordinate of theta, shape (p,)."""
+        vector = torch.zeros(self.dim, dtype=self.dtype, device=self.approximation.device)
+        for layer in self.approximation.layers:
+            vector[layer.theta_indices()] = self.layer_damping[layer.name]
+        return vector
 
-        One pass over the data with the same statistics as the fit: per layer, the squared
-        pseudo-gradients G_ic = sum_t s_ict a_it^T summed over examples and seeds (EK-FAC's
-        correction in the standard basis). Exact for every supported layer, convolutions
-        included; independent of the fitted factors and of ``damping``. A Jacobi
-        preconditioner for CG: ``JacobiPreconditioner.from_diagonal(solver.exact_diagonal(), damping)``.
-        """
-        means = self._mean_rotated_squares({layer.name: (None, None) for layer in self.layers})
-        diagonal = torch.full((self.dim,), self.objective.weight_decay, dtype=self.dtype, device=self.device)
-        for layer in self.layers:
-            diagonal[layer.theta_indices()] += means[layer.name].reshape(-1)
-        return diagonal
-
-    def _mean_rotated_squares(self, bases: Mapping[str, tuple[Tensor | None, Tensor | None]]) -> dict[str, Tensor]:
-        """Per layer, (1/n) sum_i sum_c ((Q_S^T G_ic Q_A)[o, j])^2 over one pass, bases {name: (Q_A, Q_S)}, shape (out, columns).
-
-        A basis of None is the standard one (no rotation).
-        """
-        sums = {
-            layer.name: torch.zeros(layer.out_features, layer.columns, dtype=self.dtype, device=self.device)
-            for layer in self.layers
-        }
-        n = 0
-        for batch in self._batches():
-            size, stats = self._layer_statistics(batch)
-            n += size
-            for name, (a, s) in stats.items():
-                sums[name] += _rotated_squares(a, s, *bases[name])
-        return {name: total / n for name, total in sums.items()}
-
-    def _fitted(self) -> dict[str, KFACFactors]:
-        if self.factors is None:
-            self.fit()
-        assert self.factors is not None
-        return self.factors
-
-    # -- applying the approximation --------------------------------------------------------
-    def _apply(self, vectors: Tensor, scale: Callable[[KFACLayer, Tensor], Tensor]) -> Tensor:
-        factors = self._fitted()
-        vectors = check_directions(vectors, self.dim).to(self.dtype)
-        result = torch.empty_like(vectors)
-        for layer in self.layers:
-            f = factors[layer.name]
-            v = layer.gather(vectors)
-            rotated = f.eigenvectors_S.T @ v @ f.eigenvectors_A
-            layer.scatter(f.eigenvectors_S @ scale(layer, rotated) @ f.eigenvectors_A.T, result)
-        return result
-
-    def matvec(self, vectors: Tensor, damped: bool = False) -> Tensor:
-        """The approximation times each row of ``vectors`` (k, p): (G_kfac + lambda I [+ damping]) v."""
-        factors = self._fitted()
-        decay = self.objective.weight_decay
-
-        def multiply(layer: KFACLayer, rotated: Tensor) -> Tensor:
-            extra = decay + (self.layer_damping[layer.name] if damped else 0.0)
-            return rotated * (factors[layer.name].eigenvalues() + extra)
-
-        return self._apply(vectors, multiply)
+    def damped_eigenvalues(self) -> dict[str, Tensor]:
+        """Per layer, the eigenvalues of the damped approximation (out, columns); raises if any is ~0."""
+        out = {}
+        for name, eigenvalues in self.approximation.eigenvalues().items():
+            damping = self.layer_damping[name]
+            denominators = eigenvalues + damping
+            tolerance = float(denominators.abs().max()) * denominators.numel() * torch.finfo(self.dtype).eps
+            bad = denominators <= tolerance
+            if bad.any():
+                undamped = eigenvalues - self.approximation.objective.weight_decay
+                suggestion = max(0.1 * float(undamped.mean()), 10 * tolerance, torch.finfo(self.dtype).tiny)
+                raise SingularKFACError(name, denominators[bad].sort().values, float(denominators.min()), damping, suggestion)
+            out[name] = denominators
+        return out
 
     def inverse_matvec(self, vectors: Tensor) -> Tensor:
         """(G_kfac + lambda I + damping)^{-1} times each row of ``vectors`` (k, p); usable as a CG preconditioner."""
         denominators = self.damped_eigenvalues()
-        return self._apply(vectors, lambda layer, rotated: rotated / denominators[layer.name])
+        return self.approximation.in_eigenbasis(vectors, lambda layer, rotated: rotated / denominators[layer.name])
 
-    def damped_eigenvalues(self) -> dict[str, Tensor]:
-        """Per layer, the eigenvalues of the damped approximation (out, columns); raises if any is ~0."""
-        factors = self._fitted()
-        out = {}
-        for layer in self.layers:
-            eigenvalues = factors[layer.name].eigenvalues()
-            damping = self.layer_damping[layer.name]
-            denominators = eigenvalues + self.objective.weight_decay + damping
-            tolerance = float(denominators.abs().max()) * denominators.numel() * torch.finfo(self.dtype).eps
-            bad = denominators <= tolerance
-            if bad.any():
-                suggestion = max(0.1 * float(eigenvalues.mean()), 10 * tolerance, torch.finfo(self.dtype).tiny)
-                raise SingularKFACError(
-                    layer.name, denominators[bad].sort().values, float(denominators.min()), damping, suggestion
-                )
-            out[layer.name] = denominators
-        return out
+    def residual_norms(self, solution: Tensor, rhs: Tensor) -> Tensor | None:
+        if not self.measure_residuals or self.curvature is None:
+            return None
+        return (self.curvature.matvec(solution) + self.damping_vector() * solution - rhs).norm(dim=1)
 
-    def damping_vector(self) -> Tensor:
-        """The damping of each coordinate of theta, shape (p,)."""
-        vector = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for layer in self.layers:
-            vector[layer.theta_indices()] = self.layer_damping[layer.name]
-        return vector
-
-    def to_dense(self, damped: bool = False) -> Tensor:
-        """The explicit approximation (p, p): block-diagonal over layers, plus lambda I (plus damping if ``damped``)."""
-        factors = self._fitted()
-        dense = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-        for layer in self.layers:
-            block = factors[layer.name].dense()
-            index = layer.theta_indices()
-            dense[index.unsqueeze(1), index.unsqueeze(0)] = 0.5 * (block + block.T)
-        diagonal = torch.full((self.dim,), self.objective.weight_decay, dtype=self.dtype, device=self.device)
-        if damped:
-            diagonal = diagonal + self.damping_vector()
-        return dense + torch.diag(diagonal)
-
-    def as_operator(self) -> "KFACOperator":
-        """The (undamped) approximation G_kfac + lambda I as a curvature operator."""
-        return KFACOperator(self)
-
-    def solve(self, rhs: Tensor, residual_operator: CurvatureOperator | None = None) -> SolveResult:
-        """Rows (G_kfac + lambda I + damping)^{-1} b_j of ``rhs`` (k, p).
-
-        Residuals ||(M + damping) x_j - b_j|| are measured with ``residual_operator`` (or the one
-        given at construction) as M, and are None when there is none.
-        """
-        self._fitted()
+    def solve(self, rhs: Tensor) -> SolveResult:
+        """Rows (G_kfac + lambda I + damping)^{-1} b_j of ``rhs`` (k, p); residuals with ``residual_operator``."""
+        if self.approximation.factors is None:
+            self.approximation.fit()
         start = time.perf_counter()
         rhs = check_directions(rhs, self.dim, "rhs").to(self.dtype)
         solution = self.inverse_matvec(rhs)
         seconds = time.perf_counter() - start
-        operator = residual_operator if residual_operator is not None else self.residual_operator
-        residuals = None
-        if operator is not None:
-            residuals = (operator.matvec(solution) + self.damping_vector() * solution - rhs).norm(dim=1)
-        info = {"method": self.method, "layers": [layer.name for layer in self.layers], "fit_seconds": self.fit_seconds}
-        return SolveResult(solution, residuals, None, seconds, info)
-
-    # -- persistence -----------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the fitted factors and the arguments to ``directory`` (safetensors + JSON)."""
-        factors = self._fitted()
-        tensors = {}
-        for index, layer in enumerate(self.layers):
-            for field in KFACFactors._NAMES:
-                value = getattr(factors[layer.name], field)
-                if value is not None:
-                    tensors[f"layer{index}.{field}"] = value
-        space = self.objective.space
-        arguments = {
-            "class": _SAVED_CLASS,
-            "version": _FORMAT_VERSION,
-            "damping": self.damping,
-            "eigenvalue_correction": self.eigenvalue_correction,
-            "chunk_size": self.chunk_size,
-            "output_hessian": self.output_hessian_name,
-            "layers": [layer.name for layer in self.layers],
-            "parameter_names": list(space.names),
-            "parameter_shapes": [list(shape) for shape in space.shapes],
-            "n_examples": self.n_examples,
-            "fit_seconds": self.fit_seconds,
+        info = {
+            "method": "ekfac" if self.approximation.eigenvalue_correction else "kfac",
+            "layers": [layer.name for layer in self.approximation.layers],
+            "fit_seconds": self.approximation.fit_seconds,
         }
-        save_tensors(directory, tensors, arguments)
+        return SolveResult(solution, self.residual_norms(solution, rhs), None, seconds, info)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """The approximation's factors and this solver's damping, in ``directory``."""
+        return self.approximation.save(directory, extra={"damping": self.damping})
 
     @classmethod
     def load(
-        cls,
-        directory: str | os.PathLike[str],
-        objective: Any,
-        *,
-        output_hessian: str | OutputHessianFactor | None = None,
-        residual_operator: CurvatureOperator | None = None,
-    ) -> "KFACSolver":
-        """A solver with the factors saved in ``directory``, for ``objective`` (same parameters and data size)."""
-        tensors, arguments = load_tensors(directory)
-        if arguments.get("class") != _SAVED_CLASS:
-            raise ValueError(f"{directory} holds a saved {arguments.get('class')!r}, not a {_SAVED_CLASS!r}")
-        space = objective.space
-        saved = (arguments["parameter_names"], arguments["parameter_shapes"])
-        if saved != (list(space.names), [list(shape) for shape in space.shapes]):
-            raise ValueError(
-                f"the saved factors are for parameters {saved[0]} with shapes {saved[1]}, but the objective "
-                f"attributes {list(space.names)} with shapes {[list(s) for s in space.shapes]}"
-            )
-        if arguments["n_examples"] != objective.n_train:
-            raise ValueError(
-                f"the saved factors were fitted on {arguments['n_examples']} examples, the objective has {objective.n_train}"
-            )
-        if output_hessian is None:
-            output_hessian = arguments["output_hessian"]
-        solver = cls(
-            objective,
-            damping=arguments["damping"],
-            eigenvalue_correction=arguments["eigenvalue_correction"],
-            chunk_size=arguments["chunk_size"],
-            output_hessian=output_hessian,
-            residual_operator=residual_operator,
-        )
-        if [layer.name for layer in solver.layers] != arguments["layers"]:
-            raise ValueError(f"the saved layers {arguments['layers']} differ from {[l.name for l in solver.layers]}")
-        factors = {}
-        for index, layer in enumerate(solver.layers):  # clone: fresh aligned storage, so BLAS gives the same bits
-            values = {f: tensors.get(f"layer{index}.{f}") for f in KFACFactors._NAMES}
-            factors[layer.name] = KFACFactors(
-                **{f: None if v is None else v.to(solver.dtype).clone().to(solver.device) for f, v in values.items()}
-            )
-        solver.factors, solver.n_examples, solver.fit_seconds = factors, arguments["n_examples"], arguments["fit_seconds"]
-        return solver
-
-
-class KFACOperator(CurvatureOperator):
-    """The K-FAC / EK-FAC approximation G_kfac + lambda I of a fitted :class:`KFACSolver`, as an operator."""
-
-    def __init__(self, solver: KFACSolver):
-        self.solver = solver
-        self.dim = solver.dim
-        self.dtype = solver.dtype
-
-    def matvec(self, vectors: Tensor) -> Tensor:
-        return self.solver.matvec(vectors)
-
-    def to_dense(self, block: int = 512) -> Tensor:
-        return self.solver.to_dense()
-
-
-# -- helpers -------------------------------------------------------------------------------
-def _resolve_output_hessian(output_hessian: Any, objective: Any) -> tuple[str | None, OutputHessianFactor]:
-    if output_hessian is None:
-        for name, loss in BUILTIN_LOSSES.items():
-            if objective.loss is loss:
-                return name, BUILTIN_OUTPUT_HESSIANS[name]
-        raise ValueError(
-            "K-FAC needs the Hessian of the loss in the model outputs: the objective's loss is not a built-in "
-            "one, so pass output_hessian='cross_entropy' or 'squared_error', or a callable (outputs, batch) -> L "
-            "(B, D, R) with H_out = L L^T"
-        )
-    if isinstance(output_hessian, str):
-        if output_hessian not in BUILTIN_OUTPUT_HESSIANS:
-            raise ValueError(f"unknown output_hessian {output_hessian!r}; built-in: {sorted(BUILTIN_OUTPUT_HESSIANS)}")
-        return output_hessian, BUILTIN_OUTPUT_HESSIANS[output_hessian]
-    if callable(output_hessian):
-        return None, output_hessian
-    raise TypeError(f"output_hessian must be a name or a callable, got {type(output_hessian).__name__}")
-
-
-def _resolve_damping(damping: float | Mapping[str, float], names: list[str]) -> dict[str, float]:
-    if isinstance(damping, Mapping):
-        unknown = sorted(set(damping) - set(names))
-        missing = [name for name in names if name not in damping]
-        if unknown or missing:
-            raise KeyError(
-                f"per-layer damping must name every K-FAC layer exactly: layers {names}; "
-                f"unknown {unknown}, missing {missing}"
-            )
-        values = {name: float(damping[name]) for name in names}
-    else:
-        values = {name: float(damping) for name in names}
-    negative = {name: v for name, v in values.items() if v < 0}
-    if negative:
-        raise ValueError(f"damping must be >= 0, got {negative}")
-    return values
-
-
-def _symmetric(matrix: Tensor) -> Tensor:
-    return 0.5 * (matrix + matrix.T)
-
-
-def _batched_backward(outputs: Tensor, layer_outputs: list[Tensor], seeds: Tensor) -> list[Tensor | None]:
-    """Gradients of <outputs, seeds[r]> with respect to each layer output, for all r at once: (R, *shape)."""
-    if not layer_outputs:
-        return []
-    try:
-        grads = torch.autograd.grad(
-            outputs, layer_outputs, seeds, is_grads_batched=True, allow_unused=True, retain_graph=True
-        )
-        return list(grads)
-    except (RuntimeError, NotImplementedError):  # an op without a batching rule: one backward per seed
-        per_seed = [
-            torch.autograd.grad(outputs, layer_outputs, seed, allow_unused=True, retain_graph=True) for seed in seeds
-        ]
-        stacked: list[Tensor | None] = []
-        for j, out in enumerate(layer_outputs):
-            column = [g[j] for g in per_seed]
-            stacked.append(None if column[0] is None else torch.stack(column))
-        return stacked
-
-
-def _rotated_squares(
-    a: Tensor, s: Tensor, eigenvectors_a: Tensor | None, eigenvectors_s: Tensor | None, budget: int = 1 << 22
-) -> Tensor:
-    """sum over seeds r and examples b of (Q_S^T G_rb Q_A)^2, G_rb = sum_t s_rbt a_bt^T; shape (out, columns).
-
-    A basis of None is the identity (the squares of G_rb itself).
-    """
-    a_rot = a if eigenvectors_a is None else a @ eigenvectors_a  # (B, T, columns)
-    s_rot = s if eigenvectors_s is None else s @ eigenvectors_s  # (R, B, T, out)
-    r, b, t, out = s_rot.shape
-    columns = a_rot.shape[2]
-    rows = s_rot.reshape(r * b, t, out)
-    example = torch.arange(r * b, device=a.device) % b
-    step = max(1, budget // max(1, out * columns))
-    total = torch.zeros(out, columns, dtype=a.dtype, device=a.device)
-    for start in range(0, r * b, step):
-        part = slice(start, start + step)
-        gradients = torch.einsum("nto,nti->noi", rows[part], a_rot[example[part]])
-        total += (gradients * gradients).sum(dim=0)
-    return total
+        cls, directory: str | os.PathLike[str], objective: Any, *, residual_operator: CurvatureOperator | None = None,
+        **curvature_options: Any,
+    ) -> KFACSolver:
+        """A solver with the factors and damping saved in ``directory``, for ``objective``; ``curvature_options``
+        go to :meth:`KFACCurvature.load` (``output_hessian``)."""
+        approximation = KFACCurvature.load(directory, objective, **curvature_options)
+        damping = load_tensors(directory)[1].get("damping", 0.0)
+        return cls(approximation, damping=damping, residual_operator=residual_operator)

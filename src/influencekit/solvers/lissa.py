@@ -19,7 +19,8 @@ is raised, naming a safe scale, instead of returning inf or NaN.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import SolveResult, Solver
 
 
 class LiSSADivergenceError(RuntimeError):
@@ -68,59 +69,105 @@ def estimate_max_batch_eigenvalue(
     return float(eig.max())
 
 
-class LiSSA(IHVPSolver):
-    """LiSSA iHVP estimate, vectorised over repeats and right-hand sides.
+@dataclass(frozen=True)
+class LiSSASettings:
+    """LiSSA's settings, written once and shared by :class:`LiSSASolver`, the parallel solver,
+    the Figure 2 configuration and the command line.
 
-    Args:
-        curvature: a curvature with ``sampled_matvec`` (mini-batch products).
-        scale: divides the curvature; must exceed the largest mini-batch
-            eigenvalue (roughly). ``"auto"`` = 1.1 x a power-iteration estimate.
-        damping: added to the curvature (see module docstring for Koh & Liang's).
+    Attributes:
+        scale: divides the curvature; must exceed the largest mini-batch eigenvalue
+            (roughly). ``"auto"`` = 1.1 x a power-iteration estimate.
+        damping: added to the curvature (see the module docstring for Koh & Liang's).
         depth: recursion depth J.
         repeats: independent repeats T, averaged.
         batch_size: mini-batch size B of each step.
         seed: repeat r draws its mini-batches from stream r of
-            ``numpy.random.SeedSequence(seed)``, so any subset of repeats can be
-            recomputed elsewhere (see ``first_repeat``) with identical numbers.
-        first_repeat: index of the first repeat this solver runs.
-        measure_residual: compute ||(H + damping I) x - b|| with one full pass.
+            ``numpy.random.SeedSequence(seed)``.
+    """
+
+    scale: float | Literal["auto"] = "auto"
+    damping: float = 0.0
+    depth: int = 5000
+    repeats: int = 10
+    batch_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.repeats < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"LiSSA's depth, repeats and batch_size must be >= 1, got {self.depth}, {self.repeats}, {self.batch_size}"
+            )
+        if self.scale != "auto" and not float(self.scale) > 0:
+            raise ValueError(f"LiSSA's scale must be positive or 'auto', got {self.scale}")
+
+    @classmethod
+    def koh_liang(cls) -> LiSSASettings:
+        """Koh & Liang's Figure 2 (middle panel): scale 25, depth 5,000, 10 repeats, batch 1, damping 0."""
+        return cls(scale=25.0, damping=0.0, depth=5000, repeats=10, batch_size=1, seed=0)
+
+    def resolved(self, curvature: HessianOperator) -> LiSSASettings:
+        """These settings with ``scale="auto"`` replaced by its estimate for ``curvature``."""
+        if self.scale != "auto":
+            return replace(self, scale=float(self.scale))
+        estimate = estimate_max_batch_eigenvalue(curvature, self.batch_size, self.damping, seed=self.seed)
+        return replace(self, scale=1.1 * estimate)
+
+
+class LiSSASolver(Solver):
+    """LiSSA iHVP estimate, vectorised over repeats and right-hand sides.
+
+    Args:
+        curvature: a curvature with ``sampled_matvec`` (mini-batch products).
+        damping, scale, depth, repeats, batch_size, seed: see :class:`LiSSASettings`
+            (:meth:`from_settings` takes them as one object).
+        first_repeat: index of the first repeat this solver runs, so any subset of
+            repeats can be recomputed elsewhere with identical numbers.
+        measure_residuals: compute ||(H + damping I) x - b|| with one full pass.
         progress: tqdm bar over steps (None: only on a terminal).
+
+    Attributes:
+        settings: the :class:`LiSSASettings`, with the scale resolved to a number.
     """
 
     def __init__(
         self,
         curvature: HessianOperator,
-        scale: float | Literal["auto"] = "auto",
+        *,
         damping: float = 0.0,
+        scale: float | Literal["auto"] = "auto",
         depth: int = 5000,
         repeats: int = 10,
         batch_size: int = 1,
         seed: int = 0,
         first_repeat: int = 0,
-        measure_residual: bool = True,
+        measure_residuals: bool = True,
         progress: bool | None = None,
     ):
         if not hasattr(curvature, "sampled_matvec"):
             raise TypeError(f"LiSSA needs mini-batch curvature products; {type(curvature).__name__} has no sampled_matvec")
-        if depth < 1 or repeats < 1 or batch_size < 1:
-            raise ValueError("depth, repeats and batch_size must be >= 1")
-        self.curvature = curvature
-        self.damping = float(damping)
-        self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
-        self.seed, self.first_repeat = seed, first_repeat
-        self.measure_residual = measure_residual
+        start = time.perf_counter()
+        settings = LiSSASettings(scale, damping, depth, repeats, batch_size, seed).resolved(curvature)
+        super().__init__(curvature, damping=settings.damping, measure_residuals=measure_residuals)
+        self.settings = settings
+        self.first_repeat = first_repeat
         self.progress = progress
-        if scale == "auto":
-            scale = 1.1 * estimate_max_batch_eigenvalue(curvature, batch_size, self.damping, seed=seed)
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale}")
-        self.scale = float(scale)
+        self.setup_seconds = time.perf_counter() - start
+
+    @classmethod
+    def from_settings(cls, curvature: HessianOperator, settings: LiSSASettings, **options: Any) -> Any:
+        """A solver with ``settings``; ``options``: the constructor's other keyword arguments."""
+        return cls(curvature, **asdict(settings), **options)
+
+    @property
+    def scale(self) -> float:
+        """The resolved scale (a number, also when ``"auto"`` was asked for)."""
+        return float(self.settings.scale)
 
     def sample_indices(self) -> Tensor:
         """Mini-batch indices of every repeat and step, shape (repeats, depth, batch_size)."""
-        streams = np.random.SeedSequence(self.seed).spawn(self.first_repeat + self.repeats)[self.first_repeat :]
+        streams = np.random.SeedSequence(self.settings.seed).spawn(self.first_repeat + self.settings.repeats)[self.first_repeat :]
         draws = [
-            np.random.default_rng(stream).integers(0, self.curvature.n_train, size=(self.depth, self.batch_size))
+            np.random.default_rng(stream).integers(0, self.curvature.n_train, size=(self.settings.depth, self.settings.batch_size))
             for stream in streams
         ]
         return torch.as_tensor(np.stack(draws), dtype=torch.long)
@@ -128,14 +175,14 @@ class LiSSA(IHVPSolver):
     def solve(self, rhs: Tensor) -> SolveResult:
         start = time.perf_counter()
         b = check_directions(rhs, self.curvature.dim, "rhs").to(self.curvature.dtype)
-        k, t = b.shape[0], self.repeats
+        k, t = b.shape[0], self.settings.repeats
         indices = self.sample_indices()  # (T, J, B)
         v = b.repeat(t, 1)  # row r * k + j: repeat r, right-hand side j
         v_norm = v.norm(dim=1)
         h = v.clone()
         keep = 1.0 - self.damping / self.scale
-        trace = torch.empty(self.depth, k, dtype=b.dtype)
-        for step in tqdm(range(self.depth), desc="LiSSA", disable=None if self.progress is None else not self.progress):
+        trace = torch.empty(self.settings.depth, k, dtype=b.dtype)
+        for step in tqdm(range(self.settings.depth), desc="LiSSA", disable=None if self.progress is None else not self.progress):
             batch = indices[:, step].repeat_interleave(k, dim=0)  # (T * k, B)
             h = v + keep * h - self.curvature.sampled_matvec(batch, h) / self.scale
             norms = h.norm(dim=1)
@@ -143,12 +190,10 @@ class LiSSA(IHVPSolver):
             bound = 10.0 * (step + 2) * v_norm
             if not bool(torch.isfinite(norms).all()) or bool((norms > bound).any()):
                 worst = int(torch.argmax(torch.nan_to_num(norms / bound, nan=float("inf"))))
-                suggested = 1.1 * estimate_max_batch_eigenvalue(self.curvature, self.batch_size, self.damping, seed=self.seed)
+                suggested = 1.1 * estimate_max_batch_eigenvalue(self.curvature, self.settings.batch_size, self.damping, seed=self.settings.seed)
                 raise LiSSADivergenceError(step + 1, float(norms[worst]), float(bound[worst]), self.scale, suggested)
         solution = (h / self.scale).reshape(t, k, -1).mean(dim=0)
         seconds = time.perf_counter() - start
-        residuals = None
-        if self.measure_residual:
-            residuals = (self.curvature.matvec(solution) + self.damping * solution - b).norm(dim=1)
+        residuals = self.residual_norms(solution, b)
         info = {"norm_trace": trace, "scale": self.scale, "seconds_without_residual": seconds}
-        return SolveResult(solution, residuals, torch.full((k,), self.depth * t), time.perf_counter() - start, info)
+        return SolveResult(solution, residuals, torch.full((k,), self.settings.depth * t), time.perf_counter() - start, info)

@@ -32,14 +32,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.objective import check_directions
-from influencekit.persistence import check_dimension, load_saved, save_tensors
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.linalg import check_directions
+from influencekit.persistence import load_checked, save_tensors
+from influencekit.solvers.base import SolveResult, Solver
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,37 @@ def randomized_nystrom(curvature: CurvatureOperator, rank: int, seed: int = 0) -
     return NystromApproximation(u.contiguous(), (sigma**2 - shift).clamp_min(0.0), shift)
 
 
-class NystromSketchSolver(IHVPSolver):
+class SavedNystrom:
+    """Saving and loading for the objects built on a :class:`NystromApproximation` (the sketch solver and the
+    preconditioner): U and Lambda as safetensors, rank, damping, seed and shift as JSON; loading goes
+    through the constructor with the saved approximation, so nothing is sketched again."""
+
+    rank: int
+    damping: float
+    seed: int
+    dim: int
+    approximation: NystromApproximation
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write U and Lambda (safetensors) and rank, damping, seed, shift (JSON) into ``directory``."""
+        return save_tensors(
+            directory,
+            {"eigenvectors": self.approximation.eigenvectors, "eigenvalues": self.approximation.eigenvalues},
+            {"class": type(self).__name__, "rank": self.rank, "damping": self.damping, "seed": self.seed,
+             "shift": self.approximation.shift, "dim": self.dim},
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], curvature: CurvatureOperator | None = None) -> Any:
+        """Rebuild a saved object without touching the curvature; ``curvature`` (same p), if given, only
+        measures a solver's residuals (without it ``SolveResult.residual_norms`` is None)."""
+        tensors, arguments = load_checked(directory, cls.__name__, curvature)
+        approximation = NystromApproximation(tensors["eigenvectors"], tensors["eigenvalues"], arguments["shift"])
+        return cls(curvature, rank=arguments["rank"], damping=arguments["damping"], seed=arguments["seed"],  # type: ignore[call-arg]
+                   approximation=approximation)
+
+
+class NystromSketchSolver(SavedNystrom, Solver):
     """Sketch-and-solve iHVPs with a rank-r randomized Nystroem approximation (Hataya & Yamada 2023).
 
     Solves (M_nys + damping I) x = b exactly, M_nys = U Lambda U^T the rank-r
@@ -105,16 +136,32 @@ class NystromSketchSolver(IHVPSolver):
         rank: r, in [1, p].
         damping: > 0 (the Woodbury inverse needs it).
         seed: seed of the Gaussian test matrix.
+        measure_residuals: report ||(M + damping I) x - b|| with the full M.
+        approximation: the sketch of an earlier fit (what :meth:`load` passes); then
+            ``curvature`` may be None (no residuals) and nothing is sketched.
     """
 
-    def __init__(self, curvature: CurvatureOperator, rank: int, damping: float, seed: int = 0):
+    def __init__(
+        self,
+        curvature: CurvatureOperator | None,
+        *,
+        rank: int,
+        damping: float,
+        seed: int = 0,
+        measure_residuals: bool = True,
+        approximation: NystromApproximation | None = None,
+    ):
         if not damping > 0:
             raise ValueError(f"NystromSketchSolver needs damping > 0, got {damping}")
         start = time.perf_counter()
-        self.curvature: CurvatureOperator | None = curvature
-        self.rank, self.damping, self.seed = int(rank), float(damping), int(seed)
-        self.approximation = randomized_nystrom(curvature, self.rank, self.seed)
-        self.dim = curvature.dim
+        super().__init__(curvature, damping=damping, measure_residuals=measure_residuals)
+        self.rank, self.seed = int(rank), int(seed)
+        if approximation is None:
+            if curvature is None:
+                raise ValueError("NystromSketchSolver needs a curvature to sketch, or the approximation of an earlier fit")
+            approximation = randomized_nystrom(curvature, self.rank, self.seed)
+        self.approximation = approximation
+        self.dim = approximation.eigenvectors.shape[0]
         self.setup_seconds = time.perf_counter() - start
 
     def solve(self, rhs: Tensor) -> SolveResult:
@@ -125,33 +172,4 @@ class NystromSketchSolver(IHVPSolver):
         coefficients = b @ u  # (k, r)
         solution = (coefficients / (eigenvalues + self.damping)) @ u.T + (b - coefficients @ u.T) / self.damping
         seconds = time.perf_counter() - start
-        residuals = None
-        if self.curvature is not None:
-            residuals = (self.curvature.matvec(solution) + self.damping * solution - b).norm(dim=1)
-        return SolveResult(solution, residuals, None, seconds, {"rank": self.rank})
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write U and Lambda (safetensors) and rank, damping, seed, shift (JSON) into ``directory``."""
-        return save_tensors(
-            directory,
-            {"eigenvectors": self.approximation.eigenvectors, "eigenvalues": self.approximation.eigenvalues},
-            {"class": type(self).__name__, "rank": self.rank, "damping": self.damping, "seed": self.seed,
-             "shift": self.approximation.shift, "dim": self.dim},
-        )
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], curvature: CurvatureOperator | None = None) -> NystromSketchSolver:
-        """Rebuild a saved solver without touching the curvature.
-
-        ``curvature`` (same p) is only used to measure residuals; without it
-        ``SolveResult.residual_norms`` is None.
-        """
-        tensors, arguments = load_saved(directory, cls.__name__)
-        check_dimension(directory, arguments["dim"], curvature)
-        solver = cls.__new__(cls)
-        solver.curvature = curvature
-        solver.rank, solver.damping, solver.seed = arguments["rank"], arguments["damping"], arguments["seed"]
-        solver.approximation = NystromApproximation(tensors["eigenvectors"], tensors["eigenvalues"], arguments["shift"])
-        solver.dim = arguments["dim"]
-        solver.setup_seconds = 0.0
-        return solver
+        return SolveResult(solution, self.residual_norms(solution, b), None, seconds, {"rank": self.rank})

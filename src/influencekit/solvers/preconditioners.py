@@ -2,8 +2,8 @@
 
 Each preconditioner is fitted once from a curvature M and is a callable applying
 P^{-1} to a block of row vectors, (k, p) -> (k, p), as
-``ConjugateGradient(..., preconditioner=P)`` and
-``BlockConjugateGradient(..., preconditioner=P)`` expect. P approximates
+``CGSolver(..., preconditioner=P)`` and
+``BlockCGSolver(..., preconditioner=P)`` expect. P approximates
 M + damping I, so fit it with the damping the solver uses. Both can be saved
 and loaded (safetensors + JSON, see :mod:`influencekit.persistence`).
 """
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator, DenseOperator
-from influencekit.objective import check_directions
-from influencekit.persistence import check_dimension, load_saved, save_tensors
-from influencekit.solvers.nystrom import NystromApproximation, randomized_nystrom
+from influencekit.linalg import check_directions
+from influencekit.persistence import load_checked, save_tensors
+from influencekit.solvers.nystrom import NystromApproximation, SavedNystrom, randomized_nystrom
 
 class JacobiPreconditioner:
     """P = diag(M) + damping I, with diag(M) estimated or exact.
@@ -47,6 +47,8 @@ class JacobiPreconditioner:
         seed: seed of the probes.
         exact: compute diag(M) exactly instead of estimating it.
         block_size: unit vectors per product when ``exact`` on a non-dense operator.
+        diagonal: diag(M) computed elsewhere or earlier (shape (p,), undamped); then
+            ``curvature`` may be None and nothing is estimated.
 
     Attributes:
         diagonal: the (estimated) diagonal of M, shape (p,), undamped and unclamped.
@@ -55,18 +57,25 @@ class JacobiPreconditioner:
 
     def __init__(
         self,
-        curvature: CurvatureOperator,
+        curvature: CurvatureOperator | None,
+        *,
         damping: float = 0.0,
         num_probes: int = 64,
         seed: int = 0,
         exact: bool = False,
         block_size: int = 256,
+        diagonal: Tensor | None = None,
     ):
-        if not exact and num_probes < 1:
+        if diagonal is None and not exact and num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {num_probes}")
         start = time.perf_counter()
         self.num_probes, self.seed, self.exact = int(num_probes), int(seed), bool(exact)
-        if exact:
+        if diagonal is not None:
+            if diagonal.dim() != 1:
+                raise ValueError(f"diagonal must have shape (p,), got {tuple(diagonal.shape)}")
+        elif curvature is None:
+            raise ValueError("JacobiPreconditioner needs a curvature, or a diagonal computed elsewhere")
+        elif exact:
             diagonal = self._exact_diagonal(curvature, block_size)
         else:
             generator = torch.Generator().manual_seed(seed)
@@ -91,13 +100,7 @@ class JacobiPreconditioner:
     def from_diagonal(cls, diagonal: Tensor, damping: float = 0.0) -> JacobiPreconditioner:
         """A preconditioner from a diagonal of M computed elsewhere (shape (p,), undamped), e.g. the
         exact GGN diagonal of :meth:`~influencekit.solvers.kfac.KFACSolver.exact_diagonal`."""
-        if diagonal.dim() != 1:
-            raise ValueError(f"diagonal must have shape (p,), got {tuple(diagonal.shape)}")
-        preconditioner = cls.__new__(cls)
-        preconditioner.num_probes, preconditioner.seed, preconditioner.exact = 0, 0, True
-        preconditioner.setup_seconds = 0.0
-        preconditioner._set_state(diagonal.detach().clone(), float(damping))
-        return preconditioner
+        return cls(None, damping=damping, exact=True, num_probes=0, seed=0, diagonal=diagonal.detach().clone())
 
     def _set_state(self, diagonal: Tensor, damping: float) -> None:
         self.diagonal, self.damping, self.dim = diagonal, damping, diagonal.shape[0]
@@ -125,15 +128,12 @@ class JacobiPreconditioner:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], curvature: CurvatureOperator | None = None) -> JacobiPreconditioner:
         """Rebuild a saved preconditioner; ``curvature``, if given, is only checked for its dimension."""
-        tensors, arguments = load_saved(directory, cls.__name__)
-        check_dimension(directory, arguments["dim"], curvature)
-        preconditioner = cls.from_diagonal(tensors["diagonal"], arguments["damping"])
-        preconditioner.num_probes, preconditioner.seed = arguments["num_probes"], arguments["seed"]
-        preconditioner.exact = arguments["exact"]
-        return preconditioner
+        tensors, arguments = load_checked(directory, cls.__name__, curvature)
+        return cls(None, damping=arguments["damping"], num_probes=arguments["num_probes"], seed=arguments["seed"],
+                   exact=arguments["exact"], diagonal=tensors["diagonal"])
 
 
-class NystromPreconditioner:
+class NystromPreconditioner(SavedNystrom):
     """Randomized Nystroem preconditioner (Frangella, Tropp & Udell 2023).
 
     With the rank-r approximation M ~ U Lambda U^T of
@@ -154,12 +154,26 @@ class NystromPreconditioner:
         damping: mu, the damping of the system CG solves; lambda_r + mu must be
             positive beyond round-off (p eps (lambda_1 + mu)).
         seed: seed of the Gaussian test matrix.
+        approximation: the sketch of an earlier fit (what :meth:`load` passes); then
+            ``curvature`` may be None and nothing is sketched.
     """
 
-    def __init__(self, curvature: CurvatureOperator, rank: int, damping: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        curvature: CurvatureOperator | None,
+        *,
+        rank: int,
+        damping: float = 0.0,
+        seed: int = 0,
+        approximation: NystromApproximation | None = None,
+    ):
         start = time.perf_counter()
         self.rank, self.seed = int(rank), int(seed)
-        self._set_state(randomized_nystrom(curvature, self.rank, self.seed), float(damping))
+        if approximation is None:
+            if curvature is None:
+                raise ValueError("NystromPreconditioner needs a curvature to sketch, or the approximation of an earlier fit")
+            approximation = randomized_nystrom(curvature, self.rank, self.seed)
+        self._set_state(approximation, float(damping))
         self.setup_seconds = time.perf_counter() - start
 
     def _set_state(self, approximation: NystromApproximation, damping: float) -> None:
@@ -180,23 +194,3 @@ class NystromPreconditioner:
         u = self.approximation.eigenvectors
         v = check_directions(vectors, self.dim)
         return v + ((v @ u) * self._scales) @ u.T
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write U and Lambda (safetensors) and rank, damping, seed, shift (JSON) into ``directory``."""
-        return save_tensors(
-            directory,
-            {"eigenvectors": self.approximation.eigenvectors, "eigenvalues": self.approximation.eigenvalues},
-            {"class": type(self).__name__, "rank": self.rank, "damping": self.damping, "seed": self.seed,
-             "shift": self.approximation.shift, "dim": self.dim},
-        )
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], curvature: CurvatureOperator | None = None) -> NystromPreconditioner:
-        """Rebuild a saved preconditioner; ``curvature``, if given, is only checked for its dimension."""
-        tensors, arguments = load_saved(directory, cls.__name__)
-        check_dimension(directory, arguments["dim"], curvature)
-        preconditioner = cls.__new__(cls)
-        preconditioner.rank, preconditioner.seed, preconditioner.setup_seconds = arguments["rank"], arguments["seed"], 0.0
-        approximation = NystromApproximation(tensors["eigenvectors"], tensors["eigenvalues"], arguments["shift"])
-        preconditioner._set_state(approximation, arguments["damping"])
-        return preconditioner

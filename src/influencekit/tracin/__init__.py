@@ -6,9 +6,9 @@
 * :func:`influence_embeddings` / :func:`write_influence_embeddings` -- vectors
   whose dot product is the TracIn score, optionally JL-projected, in memory or
   streamed to zarr / ``.npy``.
-* :class:`InnerProductIndex` -- FAISS top-k proponents/opponents and recall@k.
-* :class:`LastLayerFactorIndex` -- exact last-layer top-k from the factors (g, a),
-  a tenth of the embeddings' memory and query time on MNIST.
+
+Searching them (FAISS top-k proponents / opponents, the exact last-layer factor index,
+recall@k) lives in :mod:`influencekit.search`.
 
 Sign convention: a positive score means the training example's gradient steps
 reduced the test loss (proponent); negative means they increased it (opponent).
@@ -24,8 +24,7 @@ from influencekit.tracin.embeddings import (
     open_embeddings,
     write_influence_embeddings,
 )
-from influencekit.tracin.factor_index import LastLayerFactorIndex
-from influencekit.tracin.index import IndexKind, InnerProductIndex, RecallReport, SearchResult, recall_at_k
+from influencekit._deprecation import alias_getattr
 from influencekit.tracin.tracincp import (
     Checkpoint,
     LastLayerTracIn,
@@ -39,12 +38,7 @@ from influencekit.tracin.tracincp import (
 __all__ = [
     "Checkpoint",
     "GaussianProjection",
-    "IndexKind",
-    "InnerProductIndex",
-    "LastLayerFactorIndex",
     "LastLayerTracIn",
-    "RecallReport",
-    "SearchResult",
     "TracInCP",
     "TracInData",
     "TracInLossFn",
@@ -56,6 +50,11 @@ __all__ = [
     "jl_pair_failure_probability",
     "load_checkpoint",
     "open_embeddings",
-    "recall_at_k",
     "write_influence_embeddings",
 ]
+
+__getattr__ = alias_getattr(
+    __name__,
+    {name: f"influencekit.search:{name}" for name in
+     ("IndexKind", "InnerProductIndex", "LastLayerFactorIndex", "RecallReport", "SearchResult", "recall_at_k")},
+)

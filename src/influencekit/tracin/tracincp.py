@@ -334,7 +334,7 @@ class _CheckpointTracIn(ABC):
 
         Computes the full ``(n_test, n_train)`` score matrix first; for training
         sets too large for that, use the influence embeddings with a FAISS index
-        (:mod:`influencekit.tracin.index`).
+        (:mod:`influencekit.search.faiss_index`).
 
         Returns:
             :class:`TracInTopK`, each field ``(n_test, k)``.

@@ -19,14 +19,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from distributed import Client, LocalCluster, as_completed
+from distributed import as_completed
 from tqdm.auto import tqdm
+
+from influencekit.cluster import dask_client
 
 if TYPE_CHECKING:
     # Only the client uses the cache; workers unpickling `_call_refit` then need
@@ -104,21 +105,7 @@ def _run_on_dask(
     workers: int,
     scheduler_address: str | None,
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        if scheduler_address is None:
-            cluster = stack.enter_context(
-                LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-            )
-            client = stack.enter_context(Client(cluster))
-            client.wait_for_workers(workers)  # so the broadcast below reaches all of them
-        else:
-            client = stack.enter_context(Client(scheduler_address))
+    with dask_client(workers, scheduler_address) as client:
         # One copy of the function and the shared data per worker, not per task.
         [payload] = client.scatter([(refit_fn, shared)], broadcast=True, hash=False)
         pending = {

@@ -37,16 +37,16 @@ from torch.func import grad, jvp, vmap
 
 from influencekit.data import Batch, map_batch
 from influencekit.losses import cast_floats
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver
-from influencekit.torch_objective import TorchObjective
+from influencekit.linalg import check_directions
+from influencekit.solvers.base import Solver
+from influencekit.objectives.torch_objective import TorchObjective
 
 InputKey = int | str | None
 
 
 def perturbation_influence(
     objective: TorchObjective,
-    solver: IHVPSolver,
+    solver: Solver,
     test_batch: Batch,
     train_indices: Sequence[int] | Tensor,
     input_key: InputKey = None,

@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from influencekit.data import Batch, DataSource, batch_size, map_batch, reshape_leading
 from influencekit.losses import ForwardFn, LossFn, cast_floats, default_forward, resolve_loss
-from influencekit.objective import check_directions
+from influencekit.linalg import check_directions
 from influencekit.parameters import ParameterSpace
 
 

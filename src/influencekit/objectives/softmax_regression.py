@@ -9,7 +9,7 @@ With p_i = softmax(x_i W^T) and e_y the one-hot target:
   per-example Hessian    (diag(p_i) - p_i p_i^T) kron x_i x_i^T
   Hessian-vector product for V (C, d):  u_i = V x_i,  r_i = p_i * u_i - p_i (p_i . u_i),
                                         H V = (1/n) sum_i r_i x_i^T + lambda V.
-These match :class:`influencekit.torch_objective.TorchObjective` on
+These match :class:`influencekit.objectives.TorchObjective` on
 ``nn.Linear(d, C, bias=False)`` with cross-entropy (tested), and are far faster:
 full-data passes are GEMMs, and many vectors go through one pass.
 """
@@ -27,11 +27,11 @@ from torch import Tensor
 from influencekit.data import Batch
 from influencekit.linalg import matmul
 from influencekit.losses import batch_inputs, batch_targets
-from influencekit.objective import check_directions
+from influencekit.linalg import check_directions
 
 
 class SoftmaxRegressionObjective:
-    """Closed-form :class:`~influencekit.objective.Objective` for softmax regression.
+    """Closed-form :class:`~influencekit.objectives.Objective` for softmax regression.
 
     Args:
         weights: W, shape (C, d).
@@ -227,7 +227,7 @@ def fit_softmax_regression(
     if ``tol`` is not reached within ``max_newton_steps``.
     """
     from influencekit.curvature.hessian import HessianOperator
-    from influencekit.solvers.cg import ConjugateGradient
+    from influencekit.solvers.cg import CGSolver
 
     if weight_decay <= 0:
         raise ValueError("weight_decay must be > 0 for a unique optimum")
@@ -243,7 +243,7 @@ def fit_softmax_regression(
             return SoftmaxFit(weights, gradient_norm, step, cg_total, time.perf_counter() - start)
         if step == max_newton_steps:
             break
-        cg = ConjugateGradient(HessianOperator(objective), rtol=min(0.1, gradient_norm**0.5), maxiter=500)
+        cg = CGSolver(HessianOperator(objective), rtol=min(0.1, gradient_norm**0.5), maxiter=500)
         solve = cg.solve(gradient)
         cg_total += int(solve.iterations[0])
         direction = -solve.solution[0].reshape(weights.shape)

@@ -3,7 +3,7 @@
 Finding the most influential training points for a test point z_test needs
 I_up,loss(z_i, z_test) = -g_i^T s_test for every training point, where
 s_test = H^{-1} grad m(z_test) and g_i = grad l(z_i) + lambda theta (the sign
-conventions of :mod:`influencekit.influence`: negative = helpful, positive =
+conventions of :mod:`influencekit.scores.influence`: negative = helpful, positive =
 harmful). FastIF observes that the most influential points tend to lie close
 to z_test in the model's feature space, so it
 
@@ -20,7 +20,7 @@ to z_test in the model's feature space, so it
 3. returns the top-m helpful, harmful and most influential (largest
    |I_up,loss|) points among the candidates.
 
-Quality is measured by recall@m (:func:`recall_at_m`): the fraction of the
+Quality is measured by recall@m (:func:`influencekit.search.recall_at_k`): the fraction of the
 true top-m points (from the influence of all n training points) that the
 search returns. The top-m among the candidates contain every true top-m point
 that is a candidate (at most m - 1 training points beat it), so, barring ties,
@@ -35,154 +35,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencekit.data import Batch, batch_size
-from influencekit.influence import InfluenceFunction, InfluenceScores, TopK
-from influencekit.models.softmax_regression import SoftmaxRegressionObjective
-from influencekit.objective import Objective
-from influencekit.solvers.base import IHVPSolver, SolveResult
-from influencekit.tracin.index import IndexKind, as_float_matrix, make_faiss_index, recall_at_k
+from influencekit.scores.influence import InfluenceFunction, InfluenceScores, TopK
+from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
+from influencekit.objectives.base import Objective
+from influencekit.solvers.base import Solver, SolveResult
+from influencekit.search.recall import recall_at_k
 
 __all__ = [
     "RECALL_KINDS",
     "FastIFResult",
-    "KNNCandidateSelector",
     "RecallKind",
     "RecallTable",
     "ScoringMethod",
     "candidate_influence",
     "fastif_recall_table",
     "fastif_top_m",
-    "recall_at_m",
     "top_m_among",
 ]
 
 RecallKind = Literal["helpful", "harmful", "influential"]
 RECALL_KINDS: tuple[RecallKind, ...] = ("helpful", "harmful", "influential")
 """The three rankings: most negative I_up,loss, most positive, largest |I_up,loss|."""
-
-
-class KNNCandidateSelector:
-    """L2 nearest neighbours of queries among the training points' features (FAISS).
-
-    Args:
-        features: one feature row per training point, shape (n, f), in
-            training-index order (row i is training point i). Any floating
-            dtype; stored and searched in float32, so distances carry a
-            relative rounding error of about 1e-7 and near-ties may be ordered
-            differently from a float64 computation.
-        kind: ``"flat"``: exact (``IndexFlatL2``), a pass over all n x f
-            features per query (memory-bound); ``"hnsw"``: ``IndexHNSWFlat``,
-            approximate (graph degree ``hnsw_m``, beam widths
-            ``ef_construction`` and ``ef_search``; a search for k neighbours
-            uses the beam max(ef_search, k)); ``"ivf"``: ``IndexIVFFlat``,
-            approximate (k-means on all features into ``nlist`` lists, default
-            4 sqrt(n); ``nprobe`` of them scanned per query, default nlist / 16).
-            Measure what an approximate index loses with :meth:`recall_vs`.
-
-    Attributes:
-        build_seconds: wall time of building (and training) the index.
-        ef_search, nprobe: the search-time settings of an HNSW / IVF index; may be
-            changed between searches (speed against recall) without rebuilding.
-    """
-
-    def __init__(
-        self,
-        features: Tensor | np.ndarray,
-        kind: IndexKind = "flat",
-        *,
-        hnsw_m: int = 32,
-        ef_construction: int = 128,
-        ef_search: int = 64,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-    ):
-        start = time.perf_counter()
-        arr = as_float_matrix(features, "features")
-        if arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(f"need at least one training point and one feature, got shape {arr.shape}")
-        if nlist is None:
-            nlist = max(1, min(arr.shape[0], round(4 * arr.shape[0] ** 0.5)))
-        if nprobe is None:
-            nprobe = max(1, nlist // 16)
-        self.nlist, self.nprobe = int(nlist), int(nprobe)
-        self.dim = int(arr.shape[1])
-        self.kind: IndexKind = kind
-        self.ef_search = int(ef_search)
-        self._index = make_faiss_index(
-            self.dim, kind, faiss.METRIC_L2, hnsw_m=hnsw_m, ef_construction=ef_construction,
-            ef_search=ef_search, nlist=nlist, nprobe=nprobe,
-        )
-        if kind == "ivf":
-            if arr.shape[0] < nlist:
-                raise ValueError(f"an IVF index with nlist={nlist} needs at least that many training points, got {arr.shape[0]}")
-            self._index.train(arr)
-        self._index.add(arr)
-        self.build_seconds = time.perf_counter() - start
-
-    @property
-    def n_train(self) -> int:
-        """Number n of indexed training points."""
-        return int(self._index.ntotal)
-
-    def search(self, query_features: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
-        """The k nearest training points of each query.
-
-        Args:
-            query_features: shape (m, f), the same feature map as the training points.
-            k: number of neighbours, 1 <= k <= n.
-
-        Returns:
-            ``(squared_distances, indices)``, both (m, k), nearest first:
-            float32 squared L2 distances and int64 training indices.
-        """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.n_train:
-            raise ValueError(f"k must be an int in [1, n_train={self.n_train}], got {k!r}")
-        queries = as_float_matrix(query_features, "query features", self.dim)
-        if self.kind == "hnsw":  # a beam narrower than k cannot return k neighbours
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, int(k)))
-            distances, ids = self._index.search(queries, int(k), params=params)
-        elif self.kind == "ivf":
-            if not 1 <= self.nprobe <= self.nlist:
-                raise ValueError(f"need 1 <= nprobe <= nlist = {self.nlist}, got nprobe = {self.nprobe}")
-            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
-            distances, ids = self._index.search(queries, int(k), params=params)
-        else:
-            distances, ids = self._index.search(queries, int(k))
-        missing = int((ids < 0).sum(axis=1).max())
-        if missing:
-            remedy = "raise nprobe" if self.kind == "ivf" else "raise ef_search"
-            raise RuntimeError(
-                f"the {self.kind} index returned only {k - missing} of the k = {k} neighbours for some query: "
-                f"{remedy}, or use the exact flat index"
-            )
-        return torch.from_numpy(distances), torch.from_numpy(ids.astype(np.int64))
-
-    def candidates(self, query_features: Tensor | np.ndarray, k: int) -> Tensor:
-        """Training indices of the k nearest neighbours of each query, nearest first: LongTensor (m, k).
-
-        The k nearest are the first k of any larger k' nearest (up to ties at
-        the boundary), so one search with the largest k serves every smaller k.
-        """
-        return self.search(query_features, k)[1]
-
-    def recall_vs(self, exact: "KNNCandidateSelector", query_features: Tensor | np.ndarray, k: int) -> float:
-        """Mean over queries of |this index's k nearest intersect the exact k nearest| / k.
-
-        ``exact`` must be a ``"flat"`` selector over the same features.
-        """
-        if exact.kind != "flat":
-            raise ValueError(f"the reference must be an exact 'flat' selector, got '{exact.kind}'")
-        if (exact.n_train, exact.dim) != (self.n_train, self.dim):
-            raise ValueError(
-                f"the selectors differ: {self.n_train} x {self.dim} here, {exact.n_train} x {exact.dim} in the reference"
-            )
-        return recall_at_k(self.candidates(query_features, k).numpy(), exact.candidates(query_features, k).numpy())
 
 
 ScoringMethod = Literal["auto", "gradients", "closed_form"]
@@ -346,7 +225,7 @@ def top_m_among(candidates: Tensor, influence: Tensor, m: int) -> tuple[TopK, Te
 
 def fastif_top_m(
     objective: Objective,
-    solver: IHVPSolver | None,
+    solver: Solver | None,
     test_batch: Batch,
     candidates: Tensor,
     m: int,
@@ -392,36 +271,6 @@ def fastif_top_m(
     top, influential_indices, influential_influence = top_m_among(candidates, influence, m)
     seconds = time.perf_counter() - start
     return FastIFResult(candidates, influence, top, influential_indices, influential_influence, inverse_hvp, seconds)
-
-
-def recall_at_m(retrieved: Tensor, true_top: Tensor) -> Tensor:
-    """R@m = |retrieved ∩ true_top| / m, with m = the number of true top points.
-
-    Args:
-        retrieved: training indices returned by a search, shape (r,) or
-            (q, r) (one row per test point); order and duplicates do not matter.
-        true_top: the true top-m indices, shape (m,) or (q, m), distinct within a row.
-
-    Returns:
-        Recall in [0, 1] (float64): a 0-dim tensor for 1-D inputs, else shape (q,).
-    """
-    retrieved, true_top = torch.as_tensor(retrieved), torch.as_tensor(true_top)
-    if retrieved.dim() != true_top.dim() or retrieved.dim() not in (1, 2):
-        raise ValueError(f"retrieved and true_top must both be 1-D or both 2-D, got shapes {tuple(retrieved.shape)} and {tuple(true_top.shape)}")
-    single = retrieved.dim() == 1
-    if single:
-        retrieved, true_top = retrieved.unsqueeze(0), true_top.unsqueeze(0)
-    if retrieved.shape[0] != true_top.shape[0]:
-        raise ValueError(f"retrieved has {retrieved.shape[0]} rows, true_top {true_top.shape[0]}")
-    m = true_top.shape[1]
-    if m == 0:
-        raise ValueError("true_top must hold at least one index per row")
-    recalls = torch.empty(true_top.shape[0], dtype=torch.float64)
-    for row, (found, truth) in enumerate(zip(retrieved, true_top)):
-        if torch.unique(truth).numel() != m:
-            raise ValueError(f"true_top row {row} contains duplicate indices")
-        recalls[row] = torch.isin(truth, found).sum().item() / m
-    return recalls[0] if single else recalls
 
 
 @dataclass(frozen=True)
@@ -475,7 +324,7 @@ class RecallTable:
 
 def fastif_recall_table(
     objective: Objective,
-    solver: IHVPSolver,
+    solver: Solver,
     test_batch: Batch,
     selector: KNNCandidateSelector,
     query_features: Tensor | np.ndarray,
@@ -538,5 +387,5 @@ def fastif_recall_table(
         found = {"helpful": top.helpful_indices, "harmful": top.harmful_indices, "influential": influential}
         for a, kind in enumerate(RECALL_KINDS):
             for i, m in enumerate(ms):  # top-m lists are sorted, so top-m is the first m of top-m_max
-                recall[a, i, j] = recall_at_m(found[kind][:, :m], truth[kind][:, :m])
+                recall[a, i, j] = recall_at_k(found[kind][:, :m], truth[kind][:, :m])
     return RecallTable(ms, ks, recall, scores, candidates)

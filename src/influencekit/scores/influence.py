@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from influencekit.data import Batch
-from influencekit.objective import Objective
-from influencekit.solvers.base import IHVPSolver, SolveResult
+from influencekit.objectives.base import Objective
+from influencekit.solvers.base import Solver, SolveResult
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class InfluenceFunction:
         solver: solves (H + damping) x = b for blocks of right-hand sides.
     """
 
-    def __init__(self, objective: Objective, solver: IHVPSolver):
+    def __init__(self, objective: Objective, solver: Solver):
         self.objective = objective
         self.solver = solver
 

@@ -11,7 +11,7 @@ training points with two matrix-vector products per checkpoint. The scores are
 the same (float32 rounding aside), the memory n sum_c (C + d) floats instead of
 n sum_c C d, and a query reads that much less memory: on W1 (C = 10, d = 784)
 a tenth. Proponents are the largest scores, opponents the smallest, as in
-:class:`~influencekit.tracin.index.InnerProductIndex`, whose ``SearchResult``
+:class:`~influencekit.search.InnerProductIndex`, whose ``SearchResult``
 this returns.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencekit.tracin.index import SearchResult, as_float_matrix
+from influencekit.search.faiss_index import SearchResult, as_float_matrix
 from influencekit.tracin.tracincp import LastLayerTracIn, TracInData
 
 __all__ = ["LastLayerFactorIndex"]

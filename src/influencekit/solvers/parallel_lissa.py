@@ -2,9 +2,9 @@
 
 LiSSA's estimate of s_test = (H + damping I)^{-1} b is the mean of T
 independent chains (repeats), chain r drawing its mini-batches from stream r of
-``numpy.random.SeedSequence(seed)`` (:class:`~influencekit.solvers.lissa.LiSSA`).
+``numpy.random.SeedSequence(seed)`` (:class:`~influencekit.solvers.lissa.LiSSASolver`).
 FastIF (Guo et al. 2021) runs the chains asynchronously on separate workers and
-synchronises once, averaging them with an all-reduce. :class:`ParallelLiSSA`
+synchronises once, averaging them with an all-reduce. :class:`ParallelLiSSASolver`
 does that on a Dask cluster:
 
 1. the curvature (which holds the objective and its training data) is sent
@@ -12,13 +12,13 @@ does that on a Dask cluster:
    task, and, with a given ``client``, once per solver rather than per solve;
    the right-hand sides once per solve;
 2. each task runs a block of ``chains_per_task`` consecutive chains,
-   ``LiSSA(..., repeats=chains_per_task, first_repeat=r, seed=seed)``, and
+   ``LiSSASolver(..., repeats=chains_per_task, first_repeat=r, seed=seed)``, and
    returns the *sum* of their solutions (h_J / scale per chain);
 3. a binary tree of addition tasks, pairing blocks in repeat order, sums the T
    solutions on the workers; the client divides the total by T.
 
 With the same settings and seed the result equals the sequential
-``LiSSA(curvature, ..., repeats=T, seed=seed).solve(rhs)`` up to the order of
+``LiSSASolver(curvature, ..., repeats=T, seed=seed).solve(rhs)`` up to the order of
 floating-point summation (relative difference ~1e-16 in float64; tested at
 <= 1e-12). The scale ``"auto"`` is resolved once, on the client, exactly as
 the sequential solver does.
@@ -31,49 +31,23 @@ vectorisation within each worker.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import dask
 import torch
-from distributed import Client, Future, LocalCluster, as_completed, get_worker
+from distributed import Client, Future, as_completed, get_worker
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.objective import check_directions
-from influencekit.solvers.base import IHVPSolver, SolveResult
-from influencekit.solvers.lissa import LiSSA, LiSSADivergenceError
+from influencekit.linalg import check_directions
+from influencekit.cluster import dask_client
+from influencekit.solvers.base import SolveResult
+from influencekit.solvers.lissa import LiSSADivergenceError, LiSSASettings, LiSSASolver
 
-__all__ = ["ChainDivergedError", "ChainTiming", "ParallelLiSSA", "local_cluster"]
-
-
-def local_cluster(workers: int) -> LocalCluster:
-    """A local Dask cluster of ``workers`` single-threaded worker processes for LiSSA chains.
-
-    No dashboard, logs below ERROR silenced. Dask limits the workers' BLAS and
-    OpenMP threads to one and, by default, also sets
-    ``MALLOC_TRIM_THRESHOLD_=65536`` in them; the latter fixes glibc's mmap
-    threshold at 128 KiB, so every short-lived tensor above it (a LiSSA step
-    over several chains allocates a few of ~100 KiB-1 MiB) is mapped and
-    page-faulted afresh, which makes vectorised chains several times slower.
-    These workers keep glibc's default, adaptive, malloc settings instead.
-    Use it as a context manager, or close it.
-    """
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+__all__ = ["ChainDivergedError", "ChainTiming", "ParallelLiSSASolver"]
 
 
 class ChainDivergedError(RuntimeError):
@@ -110,35 +84,14 @@ class ChainTiming:
     worker: str
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """The LiSSA arguments every chain shares (scale already resolved to a number)."""
-
-    scale: float
-    damping: float
-    depth: int
-    batch_size: int
-    seed: int
-
-
 _Partial = tuple[Tensor, list[ChainTiming]]
 """A partial sum of chain solutions (k, p) and the timings of the chains it includes."""
 
 
-def _run_chains(curvature: HessianOperator, rhs: Tensor, settings: _Settings, first_repeat: int, repeats: int) -> _Partial:
+def _run_chains(curvature: HessianOperator, rhs: Tensor, settings: LiSSASettings, first_repeat: int, repeats: int) -> _Partial:
     """Task body: chains first_repeat .. first_repeat + repeats - 1; returns the sum of their solutions."""
-    solver = LiSSA(
-        curvature,
-        scale=settings.scale,
-        damping=settings.damping,
-        depth=settings.depth,
-        repeats=repeats,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        first_repeat=first_repeat,
-        measure_residual=False,
-        progress=False,
-    )
+    block = replace(settings, repeats=repeats)
+    solver = LiSSASolver.from_settings(curvature, block, first_repeat=first_repeat, measure_residuals=False, progress=False)
     start = time.perf_counter()
     try:
         solution = solver.solve(rhs).solution
@@ -164,8 +117,11 @@ def _add(left: _Partial, right: _Partial) -> _Partial:
     return left[0] + right[0], left[1] + right[1]
 
 
-class ParallelLiSSA(IHVPSolver):
+class ParallelLiSSASolver(LiSSASolver):
     """LiSSA with its T chains spread over Dask workers and averaged by a tree all-reduce.
+
+    The settings are resolved exactly as the sequential :class:`LiSSASolver` resolves them
+    (``scale="auto"`` once, on the client).
 
     Args:
         curvature: a curvature with mini-batch products ``sampled_matvec``
@@ -173,12 +129,14 @@ class ParallelLiSSA(IHVPSolver):
             picklable, as it is sent to the workers. A tensor that is a view
             pickles with its whole underlying storage: give the objective
             compact tensors (``x[:n].clone()``, not ``x[:n]``).
-        scale, damping, depth, repeats, batch_size, seed: as in
-            :class:`~influencekit.solvers.lissa.LiSSA` (``repeats`` = T chains).
+        lissa: damping, scale, depth, repeats (T chains), batch_size, seed (see
+            :class:`~influencekit.solvers.lissa.LiSSASettings`; :meth:`from_settings` takes them
+            as one object), measure_residuals (one full pass on the client) and progress (a tqdm
+            bar over finished chains), as for :class:`LiSSASolver`.
         workers: size of the cluster started for each solve
-            (:func:`local_cluster`: worker processes with one thread each).
-            ``0`` runs the same tasks and reduction in this process, without
-            Dask. Ignored when ``client`` or ``scheduler_address`` is given.
+            (:func:`influencekit.cluster.local_cluster`: worker processes with one
+            thread each). ``0`` runs the same tasks and reduction in this process,
+            without Dask. Ignored when ``client`` or ``scheduler_address`` is given.
         scheduler_address: an existing Dask scheduler to use instead of a
             local cluster; its workers must be able to import influencekit.
         client: an existing :class:`distributed.Client` (not closed by the solver);
@@ -187,63 +145,35 @@ class ParallelLiSSA(IHVPSolver):
             after changing the objective).
         chains_per_task: consecutive chains per task (vectorised within the
             task); must divide ``repeats``.
-        measure_residual: compute ||(H + damping I) x - b|| with one full pass on the client.
-        progress: tqdm bar over finished chains (None: only on a terminal).
     """
 
     def __init__(
         self,
         curvature: HessianOperator,
-        scale: float | Literal["auto"] = "auto",
-        damping: float = 0.0,
-        depth: int = 5000,
-        repeats: int = 10,
-        batch_size: int = 1,
-        seed: int = 0,
         *,
         workers: int = 2,
         scheduler_address: str | None = None,
         client: Client | None = None,
         chains_per_task: int = 1,
-        measure_residual: bool = True,
-        progress: bool | None = None,
+        **lissa: Any,
     ):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if client is not None and scheduler_address is not None:
             raise ValueError("pass either client or scheduler_address, not both")
-        if chains_per_task < 1 or repeats % chains_per_task != 0:
-            raise ValueError(f"chains_per_task must be >= 1 and divide repeats={repeats}, got {chains_per_task}")
-        # Validates the arguments and resolves scale="auto" exactly as the sequential solver does.
-        reference = LiSSA(
-            curvature,
-            scale=scale,
-            damping=damping,
-            depth=depth,
-            repeats=1,
-            batch_size=batch_size,
-            seed=seed,
-            measure_residual=False,
-            progress=False,
-        )
-        self.curvature = curvature
-        self.scale, self.damping = reference.scale, reference.damping
-        self.depth, self.repeats, self.batch_size, self.seed = depth, repeats, batch_size, seed
+        super().__init__(curvature, **lissa)
+        if chains_per_task < 1 or self.settings.repeats % chains_per_task != 0:
+            raise ValueError(f"chains_per_task must be >= 1 and divide repeats={self.settings.repeats}, got {chains_per_task}")
         self.workers, self.scheduler_address, self.client = workers, scheduler_address, client
         self.chains_per_task = chains_per_task
-        self.measure_residual = measure_residual
-        self.progress = progress
         self._scattered: Future | None = None  # the curvature on the workers of self.client
 
-    def _settings(self) -> _Settings:
-        return _Settings(self.scale, self.damping, self.depth, self.batch_size, self.seed)
-
     def _blocks(self) -> list[tuple[int, int]]:
-        return [(r, self.chains_per_task) for r in range(0, self.repeats, self.chains_per_task)]
+        return [(r, self.chains_per_task) for r in range(0, self.settings.repeats, self.chains_per_task)]
 
     def _bar(self) -> tqdm:
         disable = None if self.progress is None else not self.progress
-        return tqdm(total=self.repeats, desc="LiSSA chains", unit="chain", disable=disable)
+        return tqdm(total=self.settings.repeats, desc="LiSSA chains", unit="chain", disable=disable)
 
     def solve(self, rhs: Tensor) -> SolveResult:
         """s_test rows (H + damping I)^{-1} b_j for rhs (k, p), as the mean of the T chains.
@@ -269,11 +199,9 @@ class ParallelLiSSA(IHVPSolver):
             total, tasks = self._solve_in_process(b)
         else:
             total, tasks = self._solve_on_dask(b, timings)
-        solution = total / self.repeats
+        solution = total / self.settings.repeats
         seconds = time.perf_counter() - start
-        residuals = None
-        if self.measure_residual:
-            residuals = (self.curvature.matvec(solution) + self.damping * solution - b).norm(dim=1)
+        residuals = self.residual_norms(solution, b)
         tasks = sorted(tasks, key=lambda t: t.first_repeat)
         info: dict[str, Any] = {
             "scale": self.scale,
@@ -282,12 +210,12 @@ class ParallelLiSSA(IHVPSolver):
             "seconds_without_residual": seconds,
             **timings,
         }
-        iterations = torch.full((b.shape[0],), self.depth * self.repeats)
+        iterations = torch.full((b.shape[0],), self.settings.depth * self.settings.repeats)
         return SolveResult(solution, residuals, iterations, time.perf_counter() - start, info)
 
     def _solve_in_process(self, rhs: Tensor) -> _Partial:
         partials = []
-        settings = self._settings()
+        settings = self.settings
         with self._bar() as bar:
             for first, count in self._blocks():
                 partials.append(_run_chains(self.curvature, rhs, settings, first, count))
@@ -307,16 +235,8 @@ class ParallelLiSSA(IHVPSolver):
         return shared
 
     def _solve_on_dask(self, rhs: Tensor, timings: dict[str, float]) -> _Partial:
-        with contextlib.ExitStack() as stack:
-            begin = time.perf_counter()
-            if self.client is not None:
-                client = self.client
-            elif self.scheduler_address is not None:
-                client = stack.enter_context(Client(self.scheduler_address))
-            else:
-                cluster = stack.enter_context(local_cluster(self.workers))
-                client = stack.enter_context(Client(cluster))
-                client.wait_for_workers(self.workers)  # so the broadcast reaches all of them
+        begin = time.perf_counter()
+        with dask_client(self.workers, self.scheduler_address, self.client) as client:
             client.run(_warm_up)
             timings["startup_seconds"] = time.perf_counter() - begin
             begin = time.perf_counter()
@@ -324,7 +244,7 @@ class ParallelLiSSA(IHVPSolver):
             [shared_rhs] = client.scatter([rhs], broadcast=True, hash=False)
             timings["scatter_seconds"] = time.perf_counter() - begin
             begin = time.perf_counter()
-            settings = self._settings()
+            settings = self.settings
             chains = [client.submit(_run_chains, curvature, shared_rhs, settings, first, count, pure=False)
                       for first, count in self._blocks()]
             level: list[Future] = list(chains)

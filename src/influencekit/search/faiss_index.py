@@ -35,7 +35,9 @@ import faiss
 import numpy as np
 from torch import Tensor
 
-__all__ = ["IndexKind", "InnerProductIndex", "RecallReport", "SearchResult", "make_faiss_index", "recall_at_k"]
+from influencekit.search.recall import recall_at_k
+
+__all__ = ["IndexKind", "InnerProductIndex", "RecallReport", "SearchResult", "as_float_matrix", "make_faiss_index"]
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 
@@ -78,27 +80,6 @@ def as_float_matrix(x: ArrayLike, what: str, dim: int | None = None, dtype: np.d
     if not np.isfinite(arr).all():
         raise ValueError(f"{what} contains NaN or inf (after conversion to {np.dtype(dtype).name})")
     return arr
-
-
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean over queries of ``|approx_i ∩ exact_i| / k``.
-
-    Args:
-        approx_ids: ``(n_queries, k)`` ids returned by the approximate search
-            (``-1`` entries count as misses).
-        exact_ids: ``(n_queries, k)`` true top-k ids.
-
-    Returns:
-        Recall in ``[0, 1]``; order within a row does not matter.
-    """
-    approx = np.asarray(approx_ids)
-    exact = np.asarray(exact_ids)
-    if approx.ndim != 2 or approx.shape != exact.shape:
-        raise ValueError(f"expected two arrays of the same shape (n_queries, k), got {approx.shape} and {exact.shape}")
-    if exact.shape[0] == 0 or exact.shape[1] == 0:
-        raise ValueError("recall needs at least one query and k >= 1")
-    hits = sum(int(np.isin(row[row >= 0], found).sum()) for row, found in zip(exact, approx))
-    return hits / exact.size
 
 
 def make_faiss_index(
@@ -279,6 +260,6 @@ class InnerProductIndex:
                 f"the indexes differ: {self.ntotal} x {self.dim} here, {exact.ntotal} x {exact.dim} in the reference"
             )
         q = as_float_matrix(queries, "queries", self.dim)
-        pro = recall_at_k(self.proponents(q, k).ids, exact.proponents(q, k).ids)
-        opp = recall_at_k(self.opponents(q, k).ids, exact.opponents(q, k).ids)
+        pro = float(recall_at_k(self.proponents(q, k).ids, exact.proponents(q, k).ids).mean())
+        opp = float(recall_at_k(self.opponents(q, k).ids, exact.opponents(q, k).ids).mean())
         return RecallReport(k=k, n_queries=q.shape[0], proponent_recall=pro, opponent_recall=opp)

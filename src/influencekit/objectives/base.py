@@ -13,9 +13,9 @@ its total loss ``L_total(z_i) = l_i + (lambda/2)||theta||^2``, i.e.
 The Hessian is that of R. A *measurement* m(z, theta) (default: the training
 loss without the L2 term) defines test gradients.
 
-Two implementations exist: :class:`influencekit.torch_objective.TorchObjective`
+Two implementations exist: :class:`influencekit.objectives.TorchObjective`
 (any ``nn.Module``, via ``torch.func``) and
-:class:`influencekit.models.softmax_regression.SoftmaxRegressionObjective`
+:class:`influencekit.objectives.SoftmaxRegressionObjective`
 (closed forms for multinomial logistic regression, tested against the generic
 path).
 """
@@ -87,12 +87,3 @@ class Objective(Protocol):
 
     def hessian(self) -> Tensor:
         """The explicit Hessian of R, shape (p, p). Only for small p."""
-
-
-def check_directions(directions: Tensor, dim: int, name: str = "vectors") -> Tensor:
-    """Validate a block of vectors, returning it as a 2-D tensor (k, p)."""
-    if directions.dim() == 1:
-        directions = directions.unsqueeze(0)
-    if directions.dim() != 2 or directions.shape[1] != dim:
-        raise ValueError(f"{name} must have shape (k, {dim}), got {tuple(directions.shape)}")
-    return directions

@@ -1,0 +1,34 @@
+"""Stage 5 of the data flow, scores: influence of training points on test measurements.
+
+* :mod:`~influencekit.scores.influence` -- I_up,loss = -g_test^T H^-1 g_i for all training
+  points (:class:`InfluenceFunction`, :class:`InfluenceScores`), I_up,params, self-influence.
+* :mod:`~influencekit.scores.perturbation` -- I_pert,loss, the gradient of the test loss
+  with respect to a training input.
+* :mod:`~influencekit.scores.fastif` -- FastIF: influence restricted to kNN-preselected
+  candidates, and its recall@m.
+"""
+
+from influencekit.scores.fastif import (
+    FastIFResult,
+    RecallTable,
+    candidate_influence,
+    fastif_recall_table,
+    fastif_top_m,
+    top_m_among,
+)
+from influencekit.scores.influence import InfluenceFunction, InfluenceScores, TopK
+from influencekit.scores.perturbation import perturbation_influence, perturbation_influence_from_inverse_hvp
+
+__all__ = [
+    "FastIFResult",
+    "InfluenceFunction",
+    "InfluenceScores",
+    "RecallTable",
+    "TopK",
+    "candidate_influence",
+    "fastif_recall_table",
+    "fastif_top_m",
+    "perturbation_influence",
+    "perturbation_influence_from_inverse_hvp",
+    "top_m_among",
+]
