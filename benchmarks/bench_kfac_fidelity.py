@@ -41,11 +41,14 @@ import scipy.stats
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_ihvp_family as family  # noqa: E402
+from ihvp_family.cache import load_cached, w2_model_path  # noqa: E402
+from ihvp_family.context import Context  # noqa: E402
+from ihvp_family.prepare import prepare  # noqa: E402
+from ihvp_family.workloads import workload_config  # noqa: E402
 
 from influencekit.curvature import GaussNewtonOperator, blocks_per_module  # noqa: E402
 from influencekit.solvers import CGSolver, KFACSolver  # noqa: E402
-from influencekit.solvers.kfac import cross_entropy_hessian_factor  # noqa: E402
+from influencekit.curvature.kfac import cross_entropy_hessian_factor  # noqa: E402
 
 
 def influence_of(objective, x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +87,11 @@ def main() -> int:
     args = parser.parse_args()
     options = argparse.Namespace(out=args.out, data_dir=args.data_dir, threads=None, quick=False, w1_n=None, w2_n=None,
                                  w2_gtol=args.w2_gtol, w2_max_iter=args.w2_max_iter, no_hessian_reference=True)
-    cfg = family.workload_config("w2", options)
-    if family._load(family.w2_model_path(cfg)) is None:
+    cfg = workload_config("w2", options)
+    if load_cached(w2_model_path(cfg)) is None:
         print("W2 is not cached under --out: training it (bench_ihvp_family.py's prepare step) ...", flush=True)
-        family.prepare(cfg)
-    ctx = family.Context(cfg)
+        prepare(cfg)
+    ctx = Context(cfg)
     objective = ctx.torch_objective
     g_test = objective.measurement_gradients(ctx.test)
     print(f"W2: n = {ctx.n:,}, p = {objective.dim:,}, weight decay {ctx.weight_decay:g}, test image {cfg['test_index']}")
