@@ -43,9 +43,11 @@ from distributed import Client
 
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.experiments.fastif_recall import _int_list, default_test_indices, fit_w1, time_speedup
-from influencekit.scores.fastif import RECALL_KINDS, KNNCandidateSelector, fastif_recall_table
+from influencekit.scores.fastif import RECALL_KINDS, fastif_recall_table
+from influencekit.search import KNNCandidateSelector
 from influencekit.scores.influence import InfluenceFunction
-from influencekit.solvers.parallel_lissa import ParallelLiSSASolver, local_cluster
+from influencekit.cluster import local_cluster
+from influencekit.solvers.parallel_lissa import ParallelLiSSASolver
 from influencekit.solvers.base import Solver, SolveResult
 from influencekit.solvers.cg import CGSolver
 from influencekit.solvers.lissa import LiSSASolver

@@ -47,14 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from influencekit.experiments.fastif_recall import fit_w1
-from influencekit.tracin import (
-    GaussianProjection,
-    InnerProductIndex,
-    LastLayerFactorIndex,
-    LastLayerTracIn,
-    embedding_dim,
-    influence_embeddings,
-)
+from influencekit.search import InnerProductIndex, LastLayerFactorIndex
+from influencekit.tracin import GaussianProjection, LastLayerTracIn, embedding_dim, influence_embeddings
 
 
 def cross_entropy_losses(model_call: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -160,11 +160,11 @@ def test_invalid_blocks_are_refused(blocks, message):
 
 def test_invalid_damping_is_refused():
     objective = make_objective()
-    with pytest.raises(ValueError, match="block names"):
+    with pytest.raises(ValueError, match="must name every block"):
         DataInfSolver(objective, damping={0: 0.1, 5: 0.1, 2: 0.1}, blocks=UNEVEN)
     with pytest.raises(ValueError, match="one damping per block"):
         DataInfSolver(objective, damping=[0.1, 0.1], blocks=UNEVEN)
-    with pytest.raises(ValueError, match="lambda_l > 0"):
+    with pytest.raises(ValueError, match="finite and > 0"):
         DataInfSolver(objective, damping=[0.1, 0.0, 0.1], blocks=UNEVEN)
 
 

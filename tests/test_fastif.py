@@ -13,13 +13,12 @@ from influencekit.curvature.hessian import HessianOperator
 from influencekit.datasets.mnist import MNIST_MD5, koh_liang_split, load_mnist
 from influencekit.scores.fastif import (
     RECALL_KINDS,
-    KNNCandidateSelector,
     candidate_influence,
     fastif_recall_table,
     fastif_top_m,
-    recall_at_m,
     top_m_among,
 )
+from influencekit.search import KNNCandidateSelector, recall_at_k
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
 from influencekit.solvers.cg import CGSolver
@@ -194,18 +193,18 @@ def test_top_m_among_on_a_hand_made_row():
 # ------------------------------------------------------------------------ recall@m
 
 
-def test_recall_at_m_on_hand_made_sets():
-    assert float(recall_at_m(torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6]))) == 0.5
-    assert float(recall_at_m(torch.tensor([6, 5, 4, 3]), torch.tensor([3, 4, 5, 6]))) == 1.0  # order is irrelevant
-    assert float(recall_at_m(torch.tensor([3, 3, 3]), torch.tensor([3, 4]))) == 0.5  # duplicates count once
-    assert float(recall_at_m(torch.arange(100), torch.tensor([5, 200, 300, 7]))) == 0.5  # more retrieved than m
-    assert float(recall_at_m(torch.tensor([9]), torch.tensor([1, 2, 3]))) == 0.0
-    rows = recall_at_m(torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([[2, 9], [3, 4], [7, 8]]))
+def test_recall_at_k_on_hand_made_sets():
+    assert float(recall_at_k(torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6]))) == 0.5
+    assert float(recall_at_k(torch.tensor([6, 5, 4, 3]), torch.tensor([3, 4, 5, 6]))) == 1.0  # order is irrelevant
+    assert float(recall_at_k(torch.tensor([3, 3, 3]), torch.tensor([3, 4]))) == 0.5  # duplicates count once
+    assert float(recall_at_k(torch.arange(100), torch.tensor([5, 200, 300, 7]))) == 0.5  # more retrieved than m
+    assert float(recall_at_k(torch.tensor([9]), torch.tensor([1, 2, 3]))) == 0.0
+    rows = recall_at_k(torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([[2, 9], [3, 4], [7, 8]]))
     assert rows.tolist() == [0.5, 1.0, 0.0] and rows.dtype == torch.float64
     with pytest.raises(ValueError, match="duplicate"):
-        recall_at_m(torch.tensor([1, 2]), torch.tensor([1, 1]))
+        recall_at_k(torch.tensor([1, 2]), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="rows"):
-        recall_at_m(torch.tensor([[1, 2]]), torch.tensor([[1, 2], [3, 4]]))
+        recall_at_k(torch.tensor([[1, 2]]), torch.tensor([[1, 2], [3, 4]]))
 
 
 # --------------------------------------------------------------- a real MNIST run

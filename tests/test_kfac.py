@@ -267,9 +267,9 @@ def test_unsupported_parameters_are_refused():
 
 def test_damping_dict_must_name_every_layer():
     objective, _, _ = make_objective("mlp", "cross_entropy", n=4)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         KFACSolver(objective, damping={"0": 0.1})
-    with pytest.raises(KeyError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown"):
         KFACSolver(objective, damping={"0": 0.1, "2": 0.1, "5": 1.0})
 
 

@@ -173,7 +173,7 @@ def test_low_rank_errors_against_direct_shrink_with_rank():
 @pytest.mark.parametrize("solver_class", [ArnoldiSolver, NystromSketchSolver])
 def test_save_load_round_trip_gives_identical_solutions(solver_class, tmp_path):
     curvature = ill_conditioned_hessian()
-    solver = solver_class(curvature, 20, damping=DAMPING, seed=5)
+    solver = solver_class(curvature, rank=20, damping=DAMPING, seed=5)
     solver.save(tmp_path / "fit")
     rhs = random_rhs(3, curvature.dim)
     original = solver.solve(rhs)

@@ -10,7 +10,8 @@ from distributed import Client
 
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
-from influencekit.solvers.parallel_lissa import ChainDivergedError, ParallelLiSSASolver, local_cluster
+from influencekit.cluster import local_cluster
+from influencekit.solvers.parallel_lissa import ChainDivergedError, ParallelLiSSASolver
 from influencekit.solvers.lissa import LiSSASolver
 
 SETTINGS = dict(scale=6.0, damping=0.01, depth=300, batch_size=2, seed=3)

@@ -145,7 +145,7 @@ def test_preconditioned_solvers_reach_the_explicit_solution(make, solver_class):
         rhs = random_rhs(k, curvature.dim)
         truth = exact_solution(curvature, DAMPING, rhs)
         for name, preconditioner in preconditioners(curvature).items():
-            result = solver_class(curvature, DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
+            result = solver_class(curvature, damping=DAMPING, rtol=1e-12, preconditioner=preconditioner).solve(rhs)
             assert relative_error(result.solution, truth) <= 1e-8, (name, k)
             assert bool((result.relative_residuals(rhs) <= 1e-10).all()), (name, k)
 

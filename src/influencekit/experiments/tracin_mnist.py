@@ -54,7 +54,7 @@ from influencekit.curvature.ggn import GaussNewtonOperator
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.data import Batch
 from influencekit.datasets.mnist import koh_liang_split, load_mnist
-from influencekit.scores.fastif import recall_at_m
+from influencekit.search import recall_at_k
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.solvers.cg import CGSolver
 from influencekit.objectives.torch_objective import TorchObjective
@@ -335,8 +335,8 @@ def run(args: argparse.Namespace) -> int:
         "correlation": {f"{a}_vs_{b}": _correlation(helpfulness[a], helpfulness[b]) for a, b in pairs},
         "top_k_overlap": {
             f"{a}_vs_{b}": {
-                "proponents": float(recall_at_m(tops[a][0], tops[b][0])),
-                "opponents": float(recall_at_m(tops[a][1], tops[b][1])),
+                "proponents": float(recall_at_k(tops[a][0], tops[b][0])),
+                "opponents": float(recall_at_k(tops[a][1], tops[b][1])),
             }
             for a, b in pairs
         },

@@ -118,15 +118,14 @@ def damping_per_block(
     """One damping per named block from a number, a sequence (in block order) or a mapping naming every block.
 
     Raises:
-        KeyError: a mapping that does not name every block exactly.
-        ValueError: a sequence of the wrong length, or a damping that is not finite and
-            >= 0 (> 0 with ``positive``).
+        ValueError: a mapping that does not name every block exactly, a sequence of the wrong
+            length, or a damping that is not finite and >= 0 (> 0 with ``positive``).
     """
     if isinstance(damping, Mapping):
         unknown = sorted(map(str, set(damping) - set(names)))
         missing = [name for name in names if name not in damping]
         if unknown or missing:
-            raise KeyError(
+            raise ValueError(
                 f"per-{what} damping must name every {what} exactly: {what}s {list(names)}; "
                 f"unknown {unknown}, missing {missing}"
             )
