@@ -12,13 +12,10 @@ import pytest
 
 from influencekit.experiments.koh_liang_fig2 import Fig2Config, reproduce
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-
-
 @pytest.fixture(scope="module")
-def reduced_run(tmp_path_factory):
+def reduced_run(tmp_path_factory, synthetic_mnist_dir):
     out = tmp_path_factory.mktemp("fig2")
-    config = Fig2Config(out=out, data_dir=DATA, train_size=5000, num_points=50, solvers=["exact", "cg"], workers=2, progress=False)
+    config = Fig2Config(out=out, data_dir=synthetic_mnist_dir, train_size=5000, num_points=50, solvers=["exact", "cg"], workers=2, progress=False)
     return out, reproduce(config)
 
 
@@ -51,15 +48,15 @@ def test_predicted_changes_have_the_right_scale_for_the_top_points(reduced_run):
         assert abs(predicted[i] - actual[i]) <= 0.2 * abs(actual[i])  # second-order effects shrink as n grows
 
 
-def test_untrained_model_is_refused(tmp_path):
-    config = Fig2Config(out=tmp_path, data_dir=DATA, train_size=500, num_points=5, solvers=["exact"], workers=0,
+def test_untrained_model_is_refused(tmp_path, synthetic_mnist_dir):
+    config = Fig2Config(out=tmp_path, data_dir=synthetic_mnist_dir, train_size=500, num_points=5, solvers=["exact"], workers=0,
                         optimum_tol=1e-30, progress=False)
     with pytest.raises(RuntimeError, match="Newton-CG stopped"):
         reproduce(config)
 
 
-def test_kill_minus_nine_then_resume_loses_nothing(tmp_path):
-    args = ["--data-dir", str(DATA), "--train-size", "2000", "--num-points", "60", "--solvers", "exact", "--workers", "1", "--no-progress"]
+def test_kill_minus_nine_then_resume_loses_nothing(tmp_path, synthetic_mnist_dir):
+    args = ["--data-dir", str(synthetic_mnist_dir), "--train-size", "2000", "--num-points", "60", "--solvers", "exact", "--workers", "1", "--no-progress"]
     cache = tmp_path / "cache"
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, "-m", "influencekit.cli", "reproduce", "koh-liang-fig2", "--out", str(interrupted), "--cache-dir", str(cache), *args]
@@ -78,12 +75,12 @@ def test_kill_minus_nine_then_resume_loses_nothing(tmp_path):
     assert 2 <= len(finished_before) < 60
     assert not (interrupted / "results.json").exists()
 
-    resumed = reproduce(Fig2Config(out=interrupted, data_dir=DATA, train_size=2000, num_points=60, solvers=["exact"],
+    resumed = reproduce(Fig2Config(out=interrupted, data_dir=synthetic_mnist_dir, train_size=2000, num_points=60, solvers=["exact"],
                                    workers=0, cache_dir=cache, progress=False))
     # every refit finished before the kill was reused, not recomputed
     for name, mtime in finished_before.items():
         assert next(cache.glob(f"*/{name}")).stat().st_mtime_ns == mtime
-    fresh = reproduce(Fig2Config(out=tmp_path / "fresh", data_dir=DATA, train_size=2000, num_points=60, solvers=["exact"],
+    fresh = reproduce(Fig2Config(out=tmp_path / "fresh", data_dir=synthetic_mnist_dir, train_size=2000, num_points=60, solvers=["exact"],
                                  workers=0, progress=False))
     assert resumed["solvers"]["exact"]["pearson"] == pytest.approx(fresh["solvers"]["exact"]["pearson"], abs=1e-12)
     resumed_rows = (interrupted / "points.csv").read_text()

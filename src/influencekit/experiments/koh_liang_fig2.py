@@ -34,6 +34,7 @@ import torch
 
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.curvature.spectrum import extreme_eigenvalues
+from influencekit.datasets.mnist import add_data_arguments
 from influencekit.influence import InfluenceFunction
 from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
 from influencekit.solvers import ConjugateGradient, DirectSolver, LiSSA
@@ -57,6 +58,7 @@ class Fig2Config:
 
     out: Path
     data_dir: Path | None = None
+    download: bool = True
     test_indices: list[int] = field(default_factory=lambda: [8])
     num_points: int = 500
     solvers: list[str] = field(default_factory=lambda: list(SOLVERS))
@@ -87,20 +89,9 @@ def _log(message: str) -> None:
 
 
 def _load_data(config: Fig2Config):
-    from influencekit.datasets import DatasetNotFoundError, default_data_dir, download_mnist, koh_liang_split, load_mnist
+    from influencekit.datasets import koh_liang_split, load_or_download_mnist
 
-    try:
-        mnist = load_mnist(config.data_dir)
-    except DatasetNotFoundError as error:
-        target = config.data_dir or default_data_dir()
-        if not sys.stdin.isatty():
-            raise
-        answer = input(f"{error}\nDownload MNIST (about 11 MB) into {target} now? [y/N] ")
-        if answer.strip().lower() not in {"y", "yes"}:
-            raise
-        download_mnist(target)
-        mnist = load_mnist(target)
-    split = koh_liang_split(mnist)
+    split = koh_liang_split(load_or_download_mnist(config.data_dir, download=config.download, progress=config.progress))
     x, y = split.x_train, split.y_train
     if config.train_size is not None:
         x, y = x[: config.train_size], y[: config.train_size]
@@ -343,7 +334,7 @@ def _plot(path: Path, per_test: list[dict], solver_names: list[str], n: int) -> 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = Fig2Config(out=Path("out"))
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--test-index", default="8", help="test image index, or several separated by commas (default 8)")
     parser.add_argument("--num-points", type=int, default=d.num_points, help="most influential points to retrain without (default 500)")
@@ -364,7 +355,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> Fig2Config:
     return Fig2Config(
-        out=args.out, data_dir=args.data_dir, test_indices=[int(s) for s in str(args.test_index).split(",")],
+        out=args.out, data_dir=args.data_dir, download=not args.no_download, test_indices=[int(s) for s in str(args.test_index).split(",")],
         num_points=args.num_points, solvers=[s.strip() for s in args.solvers.split(",") if s.strip()],
         train_size=args.train_size, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
         lissa_scale=args.lissa_scale, lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats,

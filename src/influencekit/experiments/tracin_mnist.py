@@ -53,7 +53,7 @@ from influencekit.curvature.base import CurvatureOperator
 from influencekit.curvature.ggn import GaussNewtonOperator
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.data import Batch
-from influencekit.datasets.mnist import koh_liang_split, load_mnist
+from influencekit.datasets.mnist import add_data_arguments, koh_liang_split, load_or_download_mnist
 from influencekit.fastif import recall_at_m
 from influencekit.influence import InfluenceFunction
 from influencekit.solvers.cg import ConjugateGradient
@@ -226,7 +226,7 @@ def _figure(
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the experiment's options to ``parser``."""
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (results.json, figure.png, checkpoints/)")
     parser.add_argument("--train-size", type=int, default=10_000, help="random subset of Koh & Liang's 55,000 training points (default 10000)")
     parser.add_argument("--epochs", type=int, default=5, help="SGD epochs, one checkpoint each (default 5)")
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    split = koh_liang_split(load_mnist(args.data_dir, dtype=torch.float64))
+    split = koh_liang_split(load_or_download_mnist(args.data_dir, torch.float64, download=not args.no_download, progress=progress))
     n_split = split.x_train.shape[0]
     if not 1 <= args.train_size <= n_split:
         raise ValueError(f"--train-size must lie in [1, {n_split}], got {args.train_size}")
