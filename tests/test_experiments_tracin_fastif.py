@@ -1,4 +1,4 @@
-"""End-to-end runs of ``influencekit experiment tracin-mnist`` and ``fastif-recall`` at tiny sizes."""
+"""End-to-end runs of ``influencekit experiment tracin-mnist`` and ``fastif-recall`` at tiny sizes, on the synthetic MNIST-format set."""
 
 from __future__ import annotations
 
@@ -10,23 +10,17 @@ import torch
 from safetensors import safe_open
 
 from influencekit.cli import main
-from influencekit.datasets.mnist import MNIST_MD5
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-pytestmark = pytest.mark.skipif(
-    not all((SHARED_MNIST / f"{name}.gz").is_file() for name in MNIST_MD5), reason=f"MNIST not found in {SHARED_MNIST}"
-)
 
 
 def setup_module() -> None:
     torch.set_num_threads(1)
 
 
-def test_tracin_mnist_end_to_end(tmp_path: Path):
+def test_tracin_mnist_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path):
     out = tmp_path / "tracin"
-    argv = ["experiment", "tracin-mnist", "--data-dir", str(SHARED_MNIST), "--out", str(out)]
+    argv = ["experiment", "tracin-mnist", "--data-dir", str(synthetic_mnist_dir), "--no-download", "--out", str(out)]
     assert main([*argv, "--train-size", "500", "--epochs", "2", "--k", "5", "--cg-maxiter", "100", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {"config", "accuracy", "test_point", "influence", "correlation", "top_k_overlap", "top_k", "timings_seconds", "checkpoints"} <= set(results)
@@ -51,9 +45,9 @@ def test_tracin_mnist_end_to_end(tmp_path: Path):
 
 
 @pytest.mark.parametrize("knn_index,timed_index", [("flat", "ivf"), ("hnsw", "none")])
-def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str, timed_index: str):
+def test_fastif_recall_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path, knn_index: str, timed_index: str):
     out = tmp_path / "fastif"
-    argv = ["experiment", "fastif-recall", "--data-dir", str(SHARED_MNIST), "--out", str(out), "--knn-index", knn_index]
+    argv = ["experiment", "fastif-recall", "--data-dir", str(synthetic_mnist_dir), "--no-download", "--out", str(out), "--knn-index", knn_index]
     small = ["--train-size", "1500", "--test-indices", "8,3", "--ks", "100,500", "--speedup-k", "500", "--timing-repeats", "1"]
     timed = ["--timed-index", timed_index, "--ivf-nprobe", "120"]  # 120 of the 155 lists: enough to fill k = 500
     assert main([*argv, *small, *timed, "--no-progress"]) == 0

@@ -194,7 +194,7 @@ def _download_hint(data_dir: Path) -> str:
 
 
 class _Checksums(NamedTuple):
-    """Expected MD5 per file name, where they come from, and how to repair a bad file."""
+    """Expected MD5 per file name, where they come from, and how to get good copies of the files."""
 
     md5: dict[str, str]
     source: str
@@ -226,10 +226,10 @@ def _checksums(data_dir: Path) -> _Checksums:
         return _Checksums(
             _read_manifest(manifest),
             f"listed in {manifest}",
-            f"Rewrite the data set (see influencekit.datasets.write_mnist_format), or remove {manifest} "
+            f"Write the data set again (influencekit.datasets.write_mnist_format), or remove {manifest} "
             f"and download the official MNIST files: `influencekit download mnist --data-dir {data_dir}`.",
         )
-    return _Checksums(MNIST_MD5, "of the official MNIST file", "Delete it and download it again. " + _download_hint(data_dir))
+    return _Checksums(MNIST_MD5, "of the official MNIST file", _download_hint(data_dir))
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
@@ -287,7 +287,7 @@ def _find_file(data_dir: Path, name: str, checksums: _Checksums) -> Path:
     raise DatasetNotFoundError(
         f"MNIST file {name!r} not found in {data_dir} (looked for {name} and "
         f"{name}.gz; expected MD5 of the uncompressed file: {checksums.md5[name]}). "
-        + _download_hint(data_dir)
+        + checksums.remedy
     )
 
 
@@ -321,7 +321,7 @@ def _load_file(data_dir: Path, name: str, verify: bool, checksums: _Checksums) -
         if array.ndim == 1 and array.max() > 9:
             raise DatasetCorruptError(f"{path}: label {int(array.max())} outside 0..9.")
     except DatasetCorruptError as exc:
-        raise DatasetCorruptError(f"Corrupt MNIST file: {exc} {checksums.remedy}") from None
+        raise DatasetCorruptError(f"Corrupt MNIST file: {exc} Delete it. {checksums.remedy}") from None
     return array
 
 
