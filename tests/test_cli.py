@@ -61,8 +61,9 @@ def test_expected_errors_are_one_line_and_exit_2(raising_command, capsys, error:
     assert main(["test", "raise"]) == 2
     line = _one_error_line(capsys)
     assert line == "influencekit: error: " + " ".join(str(error).split())
-    with pytest.raises(type(error)):  # --debug: the exception and its traceback
-        main(["--debug", "test", "raise"])
+    for argv in (["--debug", "test", "raise"], ["test", "raise", "--debug"]):
+        with pytest.raises(type(error)):  # --debug, before or after the command: the exception and its traceback
+            main(argv)
 
 
 def test_unexpected_errors_keep_their_traceback(raising_command) -> None:

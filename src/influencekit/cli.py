@@ -71,7 +71,8 @@ def _command(argv: Sequence[str]) -> tuple[str, str] | None:
 def build_parser(command: tuple[str, str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s module is imported to add its options."""
     parser = _Parser(prog="influencekit", description="Which training examples made my model predict this?")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
+    debug_help = "show the traceback of an expected error too"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     groups = parser.add_subparsers(dest="group", required=True)
     for group, commands in COMMANDS.items():
         group_parser = groups.add_parser(group)
@@ -79,6 +80,7 @@ def build_parser(command: tuple[str, str] | None = None) -> argparse.ArgumentPar
         for name, (module, help_text) in commands.items():
             sub = names.add_parser(name, help=help_text, description=help_text)
             sub.set_defaults(module=module)
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)  # also after the command
             if command == (group, name):
                 importlib.import_module(module).configure(sub)
     return parser
