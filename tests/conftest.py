@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from influencekit.datasets import write_mnist_format
-from influencekit.datasets.mnist import DATA_DIR_ENV, MNIST_MD5, _resolve_data_dir
+from influencekit.datasets.mnist import DATA_DIR_ENV, MNIST_MD5, resolve_data_dir
 
 SYNTHETIC_SEED = 0
 SHIFT = 1
@@ -78,7 +78,7 @@ def synthetic_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_mnist_dir() -> Path:
     """The official MNIST files from ``$INFLUENCEKIT_DATA`` or the user cache; skips the test when absent."""
-    directory = _resolve_data_dir(None)
+    directory = resolve_data_dir()
     if not all((directory / name).is_file() or (directory / f"{name}.gz").is_file() for name in MNIST_MD5):
         pytest.skip(
             f"real MNIST not in {directory}: run `influencekit download mnist --data-dir {directory}` "

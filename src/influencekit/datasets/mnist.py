@@ -65,6 +65,7 @@ __all__ = [
     "MNIST",
     "Split",
     "default_data_dir",
+    "resolve_data_dir",
     "parse_idx",
     "load_mnist",
     "koh_liang_split",
@@ -176,7 +177,8 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "influencekit" / "mnist"
 
 
-def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The MNIST directory: ``data_dir`` if given, else ``$INFLUENCEKIT_DATA`` if set, else :func:`default_data_dir`."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_DIR_ENV)
@@ -363,7 +365,7 @@ def load_mnist(
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
-    directory = _resolve_data_dir(data_dir)
+    directory = resolve_data_dir(data_dir)
     checksums = _checksums(directory)
     arrays = {name: _load_file(directory, name, verify, checksums) for name in MNIST_MD5}
     return MNIST(
@@ -543,7 +545,7 @@ def download_mnist(
             mirror's failure), or ``data_dir`` holds a non-official data set
             (a :data:`CHECKSUM_MANIFEST`).
     """
-    directory = _resolve_data_dir(data_dir)
+    directory = resolve_data_dir(data_dir)
     if (directory / CHECKSUM_MANIFEST).is_file():
         raise DatasetError(
             f"{directory} holds a non-official MNIST-format data set ({directory / CHECKSUM_MANIFEST}); "
@@ -604,7 +606,7 @@ def load_or_download_mnist(
         DatasetError: the download failed on every mirror.
         DatasetCorruptError: a file present fails its checksum.
     """
-    directory = _resolve_data_dir(data_dir)
+    directory = resolve_data_dir(data_dir)
     try:
         return load_mnist(directory, dtype)
     except DatasetNotFoundError:
