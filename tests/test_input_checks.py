@@ -299,3 +299,25 @@ def test_softmax_regression_objective_checks_its_data():
         SoftmaxRegressionObjective(weights, x, labels, 0.1)
     with pytest.raises(EmptyDataError, match="training data has no examples"):
         SoftmaxRegressionObjective(weights, x[:0], labels[:0], 0.1)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    x, y = regression_data()
+    x[3, 0] = x[4, 0] = 1e308  # the sum overflows to inf; every value is finite
+    TorchObjective(linear(), "squared_error", (x, y))
+
+
+def test_block_diagonal_solve_names_the_indefinite_block_and_its_damping():
+    from influencekit.curvature.block_diagonal import blocks_per_module
+    from influencekit.solvers import BlockDiagonalSolver
+
+    objective = untrained_mlp_objective()
+    blocks = blocks_per_module(objective.model, objective.space)
+    solver = BlockDiagonalSolver(HessianOperator(objective), blocks, lambda op, name: ConjugateGradient(op))
+    with pytest.raises(IndefiniteCurvatureError, match=r"negative curvature in block '(\w+)'") as caught:
+        InfluenceFunction(objective, solver).scores(regression_data(n=3, seed=1))
+    name = re.search(r"in block '(\w+)'", str(caught.value)).group(1)
+    index = blocks[name]
+    block_smallest = float(torch.linalg.eigvalsh(objective.hessian()[index][:, index])[0])
+    torch.testing.assert_close(caught.value.smallest, block_smallest, rtol=1e-6, atol=1e-9)
+    assert block_smallest < 0 < block_smallest + caught.value.suggested_damping
