@@ -36,8 +36,9 @@ class TorchObjective:
     Checks on construction: the model's parameters and buffers are finite; no
     dropout or batch-norm module is in train mode (unless ``allow_train_mode``);
     the training data is non-empty and finite (see :class:`DataSource`). On every
-    pass with the built-in "cross_entropy" loss or measurement: labels lie in
-    [0, number of outputs). Each failure is an
+    pass with the built-in "cross_entropy" loss or measurement (for training
+    data, until one full pass has checked them all): labels lie in [0, number
+    of outputs). Each failure is an
     :class:`~influencekit.errors.InfluenceInputError` naming the example or parameter.
 
     Args:
@@ -98,6 +99,7 @@ class TorchObjective:
         self.chunk_size = chunk_size
         self._warned_cast = False
         self._num_classes: int | None = None
+        self._train_labels_checked = False
 
     # -- basic functional pieces -------------------------------------------------
     @property
@@ -122,7 +124,8 @@ class TorchObjective:
                     self._warned_cast = True
                     break
         batch = cast_floats(batch, self.dtype)
-        if (self.loss if role == "training data" else self.measurement) is cross_entropy:
+        training = role == "training data"
+        if (self.loss if training else self.measurement) is cross_entropy and not (training and self._train_labels_checked):
             if self._num_classes is None:
                 with torch.no_grad():
                     self._num_classes = int(self.outputs(self.theta, index_batch(batch, slice(0, 1))).shape[1])
@@ -135,6 +138,7 @@ class TorchObjective:
         for chunk in self.train.chunks():
             yield self._prepare(chunk, "training data", start)
             start += batch_size(chunk)
+        self._train_labels_checked = True  # every training label passed; the data cannot change (see DataSource)
 
     def outputs(self, theta: Tensor, batch: Batch) -> Any:
         """Model outputs for ``batch`` at parameters ``theta`` (differentiable in theta)."""
