@@ -7,6 +7,19 @@ objective) -> gradients -> curvature operator -> iHVP solver -> scores
 
 from influencekit.curvature import DenseOperator, HessianOperator, spectrum_summary
 from influencekit.data import DataSource
+from influencekit.errors import (
+    DtypeCastWarning,
+    DtypeError,
+    EmptyDataError,
+    InfluenceInputError,
+    LabelRangeError,
+    NondeterministicDataError,
+    NonFiniteError,
+    NonSequentialSamplerError,
+    TrainModeError,
+    UnconvergedSolveError,
+    UnconvergedSolveWarning,
+)
 from influencekit.influence import InfluenceFunction, InfluenceScores, TopK
 from influencekit.models.softmax_regression import SoftmaxRegressionObjective
 from influencekit.solvers import (
@@ -17,6 +30,7 @@ from influencekit.solvers import (
     NotPositiveDefiniteError,
     SolveResult,
 )
+from influencekit.solvers.convergence import IndefiniteCurvatureError
 from influencekit.torch_objective import TorchObjective
 
 __all__ = [
@@ -24,15 +38,27 @@ __all__ = [
     "DataSource",
     "DenseOperator",
     "DirectSolver",
+    "DtypeCastWarning",
+    "DtypeError",
+    "EmptyDataError",
     "HessianOperator",
+    "IndefiniteCurvatureError",
     "InfluenceFunction",
+    "InfluenceInputError",
     "InfluenceScores",
+    "LabelRangeError",
     "LiSSA",
     "LiSSADivergenceError",
+    "NonFiniteError",
+    "NonSequentialSamplerError",
+    "NondeterministicDataError",
     "NotPositiveDefiniteError",
     "SoftmaxRegressionObjective",
     "SolveResult",
     "TopK",
     "TorchObjective",
+    "TrainModeError",
+    "UnconvergedSolveError",
+    "UnconvergedSolveWarning",
     "spectrum_summary",
 ]

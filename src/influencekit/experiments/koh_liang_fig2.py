@@ -179,7 +179,7 @@ def reproduce(config: Fig2Config) -> dict:
         if name == "exact" and exact is None:
             continue
         t = time.perf_counter()
-        scores = InfluenceFunction(objective, solvers[name]()).scores(tests)
+        scores = InfluenceFunction(objective, solvers[name](), allow_unconverged=config.allow_untrustworthy).scores(tests)
         seconds = time.perf_counter() - t
         predicted[name] = scores.predicted_loss_change.numpy()  # (m_test, n)
         solve = scores.inverse_hvp

@@ -24,6 +24,7 @@ import scipy.linalg.blas
 import torch
 from torch import Tensor
 
+from influencekit.checks import check_finite_batch, check_labels, check_not_empty
 from influencekit.data import Batch
 from influencekit.linalg import matmul
 from influencekit.losses import batch_inputs, batch_targets
@@ -46,6 +47,9 @@ class SoftmaxRegressionObjective:
             raise ValueError(f"need W (C, d) and X (n, d), got {tuple(weights.shape)} and {tuple(inputs.shape)}")
         if targets.shape != (inputs.shape[0],):
             raise ValueError(f"targets must have shape ({inputs.shape[0]},), got {tuple(targets.shape)}")
+        check_not_empty(inputs.shape[0], "training data")
+        check_finite_batch((inputs, targets), "training data")
+        check_labels(targets, weights.shape[0], "training data", 0)
         self.weights = weights.detach()
         self.inputs = inputs.to(weights.dtype)
         self.targets = targets.long()
