@@ -7,7 +7,6 @@ import io
 import os
 import re
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +178,19 @@ def test_command_line_parses_back_to_the_same_arguments():
     again = build_parser(("experiment", "fastif-recall")).parse_args(shlex.split(command)[1:])
     assert vars(again) == vars(args)
     assert "--num-test" not in command  # defaults are left out
+
+
+def test_text_examples_report_with_plain_sentences():
+    from influencekit import InfluenceScores, SolveResult
+
+    reviews = [f"review {i}: {'great' if i % 2 else 'awful'} <film>" for i in range(6)]
+    influence = torch.tensor([[3.0, -1.0, 0.5, -4.0, 2.0, -0.5]], dtype=torch.float64)
+    solve = SolveResult(torch.zeros(1, 2), torch.tensor([1e-9]), torch.tensor([7]), 0.01)
+    scores = InfluenceScores(influence, 6, solve, torch.tensor([0.7]))
+    text = render_html(report_from_scores(scores, reviews, "test review: fine", k=2, test_label="positive"))
+    assert [int(i) for i in re.findall(r'class="head">#(\d+)', _section(text, "helpful"))] == [3, 1]
+    assert [int(i) for i in re.findall(r'class="head">#(\d+)', _section(text, "harmful"))] == [0, 4]
+    assert "review 3: great &lt;film&gt;" in text and "<img" not in text.split('id="test"')[1]
+    # I_up,loss = -4, n = 6: removing #3 raises the test loss by 4/6
+    assert "Removing this example would raise the test loss by 0.667 (predicted)." in text
+    assert "1e-09 absolute" in text and "trustworthy: not assessed" in text and "label positive" in text

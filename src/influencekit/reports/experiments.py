@@ -94,7 +94,7 @@ def write_koh_liang_fig2_report(
         "||grad R|| at the fit": results["model"]["train_grad_norm"],
         "max ||grad|| of the leave-one-out refits": results["retrain"]["max_grad_norm"],
     }
-    cli = {**vars(config), "test_index": config.test_indices, "no_progress": config.progress is False}
+    cli = {**vars(config), "test_index": ",".join(map(str, config.test_indices)), "no_progress": config.progress is False}
     report = Report(
         title=f"Koh & Liang Figure 2: MNIST test #{primary['test_index']}",
         test=test,

@@ -287,10 +287,10 @@ def removal_sentence(influence: float, n_train: int, actual: float | None = None
 def influence_example(
     data: Any, heading: str, influence: float, n_train: int, actual: float | None = None, noun: str = "example"
 ) -> Example:
-    """An :class:`Example` captioned with I_up,loss, the predicted removal effect and the measured one."""
-    details = [f"I_up,loss {influence:+.4g}", f"removal effect: predicted {-influence / n_train:+.3g}"]
+    """An :class:`Example` captioned with I_up,loss, the predicted removal effect -(1/n) I_up,loss ("Δloss") and the measured one."""
+    details = [f"I_up,loss {influence:+.4g}", f"predicted Δloss {-influence / n_train:+.3g}"]
     if actual is not None:
-        details.append(f"removal effect: actual {actual:+.3g}")
+        details.append(f"retrained Δloss {actual:+.3g}")
     return Example(data, heading, details, removal_sentence(influence, n_train, actual, noun))
 
 
