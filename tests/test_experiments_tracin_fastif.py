@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from headless_chromium import external_references
 from influencekit.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +38,8 @@ def test_tracin_mnist_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path):
     assert results["test_point"]["index"] == 8 and len(results["train_indices"]) == 500
     assert 0.0 <= results["accuracy"]["test"] <= 1.0
     assert (out / "figure.png").read_bytes()[:8] == PNG_MAGIC
+    report = (out / "report.html").read_text(encoding="utf-8")  # test image, IF and TracIn top-5s, scatter
+    assert external_references(report) == [] and report.count('src="data:image/png;base64,') == 1 + 3 * 10 + 1
     assert [c["epoch"] for c in results["checkpoints"]] == [1, 2]
     for record in results["checkpoints"]:
         with safe_open(str(out / record["path"]), framework="pt") as f:
@@ -76,3 +79,5 @@ def test_fastif_recall_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path, knn
     speedup = results["speedup"]
     assert speedup["k"] == 500 and speedup["speedup"] > 0 and speedup["fastif_seconds"] > 0
     assert (out / "figure.png").read_bytes()[:8] == PNG_MAGIC
+    report = (out / "report.html").read_text(encoding="utf-8")  # test image, top-10s, the recall figure
+    assert external_references(report) == [] and report.count('src="data:image/png;base64,') == 1 + 20 + 1

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from headless_chromium import external_references, is_not_blank, open_alone
 from influencekit.experiments.koh_liang_fig2 import Fig2Config, reproduce
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,17 @@ def test_predicted_changes_have_the_right_scale_for_the_top_points(reduced_run):
     top = sorted(range(len(rows)), key=lambda i: -abs(actual[i]))[:10]
     for i in top:
         assert abs(predicted[i] - actual[i]) <= 0.2 * abs(actual[i])  # second-order effects shrink as n grows
+
+
+def test_report_renders_alone_with_the_scatter_plots_and_training_images(reduced_run, tmp_path):
+    out, results = reduced_run
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert external_references(text) == []
+    assert "Retraining without it: the test loss went" in text and f"R = {results['solvers']['exact']['pearson']:.3f}" in text
+    probe, screenshot = open_alone(out / "report.html", tmp_path)
+    assert all(width > 0 for width in probe["natural_widths"]) and all(probe["decoded"])
+    assert sum(alt.startswith("#") for alt in probe["alts"]) == 20 and probe["alts"].count("scatter plots") == 1
+    assert is_not_blank(screenshot)
 
 
 def test_untrained_model_is_refused(tmp_path, synthetic_mnist_dir):

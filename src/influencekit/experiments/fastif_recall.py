@@ -63,6 +63,7 @@ from influencekit.fastif import (
 )
 from influencekit.influence import InfluenceFunction, InfluenceScores
 from influencekit.models.softmax_regression import SoftmaxFit, SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.reports.experiments import write_fastif_recall_report
 from influencekit.solvers.base import SolveResult
 from influencekit.solvers.cg import ConjugateGradient
 
@@ -378,5 +379,6 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     recall_figure(table, n, args.out / "figure.png")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'figure.png'}")
+    write_fastif_recall_report(args, results, w1, scores, test_indices)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'figure.png'} and {args.out / 'report.html'}")
     return 0

@@ -12,7 +12,7 @@ Pipeline (every number it prints is checkable):
  5. The ``num_points`` largest |I_up,loss| (exact) are refit without each point to
     the exact leave-one-out optimum (float64, ||grad|| <= 1e-10) on Dask, each refit
     saved at once in a crash-safe cache; actual = L(z_test, W_-i) - L(z_test, W).
- 6. ``results.json``, ``points.csv`` and ``figure.png`` in ``--out``.
+ 6. ``results.json``, ``points.csv``, ``figure.png`` and ``report.html`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from influencekit.curvature.spectrum import extreme_eigenvalues
 from influencekit.datasets.mnist import add_data_arguments
 from influencekit.influence import InfluenceFunction
 from influencekit.models.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.reports.experiments import write_koh_liang_fig2_report
 from influencekit.solvers import ConjugateGradient, DirectSolver, LiSSA
 from influencekit.validation.leave_one_out import (
     MappedRefitProblem,
@@ -259,9 +260,10 @@ def reproduce(config: Fig2Config) -> dict:
     (config.out / "results.json").write_text(json.dumps(results, indent=2))
     _write_points(config.out / "points.csv", per_test, y, list(predicted))
     _plot(config.out / "figure.png", per_test, list(predicted), n)
+    write_koh_liang_fig2_report(config, results, per_test, predicted, (x, y), tests, fit.weights)
     for name, values in results["solvers"].items():
         _log(f"{name}: Pearson R = {values['pearson']:.4f}, Spearman rho = {values['spearman']:.4f} over {config.num_points} points")
-    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png")
+    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png, report.html")
     return results
 
 

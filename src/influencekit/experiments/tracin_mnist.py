@@ -56,6 +56,7 @@ from influencekit.data import Batch
 from influencekit.datasets.mnist import add_data_arguments, koh_liang_split, load_or_download_mnist
 from influencekit.fastif import recall_at_m
 from influencekit.influence import InfluenceFunction
+from influencekit.reports.experiments import write_tracin_mnist_report
 from influencekit.solvers.cg import ConjugateGradient
 from influencekit.torch_objective import TorchObjective
 from influencekit.tracin import LastLayerTracIn, TracInCP
@@ -367,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
         f"p(label) = {float(test_probs[test_label]):.3f}"
     )
     _figure(out / "figure.png", test_batch[0][0], test_title, rows, x, y, subset)
+    write_tracin_mnist_report(args, results, helpfulness, (x, y), subset, test_batch[0][0])
     for pair, values in results["correlation"].items():
         print(f"{pair}: Pearson {values['pearson']:.3f}, Spearman {values['spearman']:.3f}")
-    print(f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'figure.png'} and {out / 'report.html'}")
     return 0
