@@ -180,3 +180,13 @@ def test_auc_counts_ties_as_half_and_matches_pairwise_definition():
     assert detection_auc(scores, flipped) == pytest.approx(np.mean(pairs))
     result = mislabel_detection(scores, flipped, (0.5,))
     assert result.found == {0.5: 1.0}  # top 3: 0.9, 0.5 (index 1), 0.5 (index 2)
+
+
+def test_evaluate_lds_with_a_per_subset_trainer_on_dask_free_cache(tmp_path):
+    from influencekit.evaluation import evaluate_lds
+
+    tau = np.random.default_rng(3).normal(size=(4, 30))
+    trainer = PerSubsetTrainer(lambda indices: tau[:, indices].sum(axis=1))  # exactly additive outputs
+    result = evaluate_lds(trainer, tau, num_subsets=12, n_bootstrap=20, cache_dir=tmp_path, fingerprint="additive")
+    assert result.lds == pytest.approx(1.0)
+    assert evaluate_lds(trainer, tau[:, ::-1], num_subsets=12, n_bootstrap=0).lds < 0.9

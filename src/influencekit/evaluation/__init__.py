@@ -11,6 +11,7 @@ The metric functions are pure (arrays in, numbers out); training is done by a
 user-supplied *subset trainer* (see :class:`~influencekit.evaluation.retrain.SubsetTrainer`).
 """
 
+from influencekit.evaluation.api import evaluate_lds
 from influencekit.evaluation.lds import LDSResult, group_effects, linear_datamodeling_score, rowwise_spearman, subset_masks
 from influencekit.evaluation.loo import LOOResult, leave_one_out_correlation, leave_one_out_effects
 from influencekit.evaluation.mislabel import MislabelResult, detection_auc, flip_labels, fraction_found, mislabel_detection
@@ -23,6 +24,7 @@ __all__ = [
     "PerSubsetTrainer",
     "SubsetTrainer",
     "detection_auc",
+    "evaluate_lds",
     "flip_labels",
     "fraction_found",
     "group_effects",
