@@ -190,3 +190,16 @@ def test_evaluate_lds_with_a_per_subset_trainer_on_dask_free_cache(tmp_path):
     result = evaluate_lds(trainer, tau, num_subsets=12, n_bootstrap=20, cache_dir=tmp_path, fingerprint="additive")
     assert result.lds == pytest.approx(1.0)
     assert evaluate_lds(trainer, tau[:, ::-1], num_subsets=12, n_bootstrap=0).lds < 0.9
+
+
+def test_lds_intervals_contain_the_estimate_when_it_is_near_one():
+    """Re-ranking bootstrap resamples biases a near-perfect Spearman down; resampling rank pairs does not."""
+    rng = np.random.default_rng(7)
+    n, m, num_subsets = 100, 300, 50
+    tau = rng.normal(size=(m, n))
+    masks = subset_masks(n, num_subsets, 0.5, seed=0)
+    actual = group_effects(tau, masks) + 0.3 * rng.normal(size=(m, num_subsets))
+    result = linear_datamodeling_score(tau, masks, actual, n_bootstrap=300, seed=0)
+    assert 0.95 < result.lds < 1.0
+    for low, high in (result.ci, result.ci_subsets, result.ci_test_points):
+        assert low < result.lds < high

@@ -22,8 +22,11 @@ S instead of all points is (1/|S|) sum_{i in S} I_up,loss(z_i, z_t). TracIn's
 positive = helpful (lowers the loss), so tau = -TracIn for the loss.
 
 Uncertainty: percentile bootstrap intervals (i) over test points (resample
-the per-test correlations), (ii) over subsets (resample the M columns and
-recompute every correlation), (iii) over both at once.
+the per-test correlations), (ii) over subsets (resample the M columns), (iii)
+over both at once. Resampling subsets resamples the pairs of *ranks* and
+recomputes their Pearson correlation; re-ranking a resample would count every
+swapped pair once per duplicate and bias the correlation down (for LDS near 1,
+by more than its spread, so the interval would miss the estimate).
 """
 
 from __future__ import annotations
@@ -61,18 +64,21 @@ def group_effects(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return scores @ masks.astype(np.float64).T
 
 
+def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``: (m, k) -> (m,); NaN for a constant row."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (a * b).sum(axis=1) / denominator, np.nan)
+
+
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of ``a`` with the same row of ``b`` (ties: average ranks): (m, k) -> (m,).
 
     NaN for a row where either side is constant.
     """
-    ra = scipy.stats.rankdata(a, axis=1)
-    rb = scipy.stats.rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (ra * rb).sum(axis=1) / denominator, np.nan)
+    return rowwise_pearson(scipy.stats.rankdata(a, axis=1), scipy.stats.rankdata(b, axis=1))
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,7 @@ def linear_datamodeling_score(
     valid = ~np.isnan(per_test)
     if not valid.any():
         raise ValueError("every test point has a constant predicted or actual output over the subsets; the LDS is undefined")
+    predicted_ranks, actual_ranks = scipy.stats.rankdata(predicted, axis=1), scipy.stats.rankdata(actual, axis=1)
     rng = np.random.default_rng(seed)
     m, num_subsets = predicted.shape
     nan_pair = (float("nan"), float("nan"))
@@ -145,7 +152,7 @@ def linear_datamodeling_score(
         rows = rng.integers(0, m, size=m)
         columns = rng.integers(0, num_subsets, size=num_subsets)
         by_test.append(np.nanmean(per_test[rows]))
-        resampled = rowwise_spearman(predicted[:, columns], actual[:, columns])
+        resampled = rowwise_pearson(predicted_ranks[:, columns], actual_ranks[:, columns])
         by_subset.append(np.nanmean(resampled))
         joint.append(np.nanmean(resampled[rows]))
     return LDSResult(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from influencekit.evaluation.lds import rowwise_spearman
+from influencekit.evaluation.lds import rowwise_pearson, rowwise_spearman
 from influencekit.evaluation.retrain import SubsetTrainer, subset_outputs
 
 
@@ -47,19 +47,11 @@ class LOOResult:
         return {"loo_pearson": self.pearson, "loo_spearman": self.spearman}
 
 
-def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (a * b).sum(axis=1) / denominator, np.nan)
-
-
 def leave_one_out_correlation(predicted: np.ndarray, actual: np.ndarray) -> LOOResult:
     """Correlate predicted and actual removal effects, both (m, k) (or (k,) for one test point)."""
     predicted = np.atleast_2d(np.asarray(predicted, dtype=np.float64))
     actual = np.atleast_2d(np.asarray(actual, dtype=np.float64))
     if predicted.shape != actual.shape or predicted.shape[1] < 3:
         raise ValueError(f"need predicted and actual of one shape (m, k) with k >= 3, got {predicted.shape} and {actual.shape}")
-    pearson, spearman = _rowwise_pearson(predicted, actual), rowwise_spearman(predicted, actual)
+    pearson, spearman = rowwise_pearson(predicted, actual), rowwise_spearman(predicted, actual)
     return LOOResult(float(np.nanmean(pearson)), float(np.nanmean(spearman)), pearson, spearman)

@@ -303,7 +303,7 @@ def _retrain(config: EvaluateConfig, x, y, tests, masks: np.ndarray, name: str, 
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    """Run the evaluation; writes results.json, results.md and lds.png into ``config.out``; returns the results."""
+    """Run the evaluation; writes results.json, results.md, lds.png and scores/<method>.npy into ``config.out``; returns the results."""
     if config.workload != "mnist-lr":
         raise NotImplementedError(
             f"workload {config.workload!r} needs the generic retraining engine for torch models (issue 13); "
@@ -386,6 +386,7 @@ def _evaluate_method(name, config, model, noisy, tests, val_tests, masks, val_ma
             scorer = method.build(model, chosen, config)
         scores = scorer.scores(tests)
         seconds = time.perf_counter() - t
+    _save_scores(config.out / "scores" / f"{name}.npy", scores)
     lds = linear_datamodeling_score(scores, masks, actual, n_bootstrap=config.n_bootstrap, seed=config.seed)
     lds_warm = linear_datamodeling_score(scores, masks, actual_warm, n_bootstrap=0)
     loo = leave_one_out_correlation(-scores[:, loo_points] / model.n, loo_actual)
@@ -436,6 +437,14 @@ def _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch
     if final:
         _plot(config.out / "lds.png", document)
     return document
+
+
+def _save_scores(path: Path, scores: np.ndarray) -> None:
+    """The method's test scores (m, n), so metrics can be recomputed without rescoring."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(temporary, scores)
+    os.replace(temporary, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
