@@ -27,6 +27,9 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "tracin-mnist": ("influencekit.experiments.tracin_mnist", "TracIn on an MLP trained with SGD on MNIST vs. influence functions"),
         "fastif-recall": ("influencekit.experiments.fastif_recall", "FastIF kNN pre-selection: recall@m and speed-up of top-k search"),
     },
+    "evaluate": {
+        "methods": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
+    },
     "download": {
         "mnist": ("influencekit.datasets.mnist", "Download MNIST (checksum-verified) into --data-dir"),
     },
