@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed import Client, LocalCluster, as_completed
+from distributed.client import FutureCancelledError
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 RefitFn = Callable[[Any, list[int]], Sequence[Mapping[str, Any]]]
 """``refit_fn(shared, batch)``: one result mapping per index of ``batch``, in order."""
+
+_RESUBMISSIONS = 3
+"""Times a batch whose result was lost (its worker died, the scheduler dropped the task) is resubmitted."""
 
 
 def _call_refit(payload: tuple[RefitFn, Any], batch: list[int]) -> list[Mapping[str, Any]]:
@@ -94,6 +99,27 @@ def _run_in_process(
         _store(batch, refit_fn(shared, batch), cache, results, bar)
 
 
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    """Undo changes to ``os.environ`` made inside the block.
+
+    Dask's ``Nanny`` sets ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ``OPENBLAS_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in
+    the *client's* ``os.environ`` before it spawns each worker, and leaves them there.
+    Every process this one starts afterwards would then run single-threaded BLAS,
+    whose results differ from multi-threaded BLAS in the last bits, so a model fitted
+    in such a subprocess has another :func:`fingerprint_of` than the same fit here,
+    and a resumed run would not find the refits it saved.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
 def _run_on_dask(
     refit_fn: RefitFn,
     shared: Any,
@@ -106,6 +132,7 @@ def _run_on_dask(
 ) -> None:
     with contextlib.ExitStack() as stack:
         if scheduler_address is None:
+            stack.enter_context(_environment_restored())  # exited last, after the cluster has closed
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=workers,
@@ -124,10 +151,25 @@ def _run_on_dask(
         pending = {
             client.submit(_call_refit, payload, batch, pure=False): batch for batch in batches
         }
+        resubmitted: dict[int, int] = {}  # first index of a batch -> times resubmitted
         try:
-            for future in as_completed(list(pending)):
+            finished = as_completed(list(pending))
+            for future in finished:
                 batch = pending.pop(future)
-                _store(batch, future.result(), cache, results, bar)
+                try:
+                    outputs = future.result()
+                except FutureCancelledError as error:
+                    # A dead worker's tasks are rerun by the scheduler; this covers a result
+                    # lost with it that the scheduler then gave up on.
+                    if resubmitted.get(batch[0], 0) >= _RESUBMISSIONS:
+                        raise
+                    resubmitted[batch[0]] = resubmitted.get(batch[0], 0) + 1
+                    logger.warning("Resubmitting refits %s: %s", batch[:5], error)
+                    retry = client.submit(_call_refit, payload, batch, pure=False)
+                    pending[retry] = batch
+                    finished.add(retry)
+                    continue
+                _store(batch, outputs, cache, results, bar)
         finally:
             if pending:
                 client.cancel(list(pending))
@@ -173,7 +215,12 @@ def run_refits(
             core). Ignored when ``scheduler_address`` is given.
         scheduler_address: address of an existing Dask scheduler
             (e.g. ``"tcp://10.0.0.1:8786"``) to use instead of a local cluster;
-            its workers must be able to import ``refit_fn``'s module.
+            its workers must be able to import ``refit_fn``'s module. Start
+            the workers first: ``shared`` is sent to the workers connected
+            when the run starts (later ones copy it from them). A worker that
+            dies mid-run loses only its tasks in flight; the scheduler reruns
+            them on the others (a batch whose result was lost is resubmitted
+            up to 3 times).
         batch_size: indices per ``refit_fn`` call (and per task).
         progress: show a tqdm progress bar over indices.
 
