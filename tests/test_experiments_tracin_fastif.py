@@ -1,4 +1,4 @@
-"""End-to-end runs of ``influencekit experiment tracin-mnist`` and ``fastif-recall`` at tiny sizes."""
+"""End-to-end runs of ``influencekit experiment tracin-mnist`` and ``fastif-recall`` at tiny sizes, on the synthetic MNIST-format set."""
 
 from __future__ import annotations
 
@@ -9,24 +9,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from headless_chromium import external_references
 from influencekit.cli import main
-from influencekit.datasets.mnist import MNIST_MD5
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-pytestmark = pytest.mark.skipif(
-    not all((SHARED_MNIST / f"{name}.gz").is_file() for name in MNIST_MD5), reason=f"MNIST not found in {SHARED_MNIST}"
-)
 
 
 def setup_module() -> None:
     torch.set_num_threads(1)
 
 
-def test_tracin_mnist_end_to_end(tmp_path: Path):
+def test_tracin_mnist_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path):
     out = tmp_path / "tracin"
-    argv = ["experiment", "tracin-mnist", "--data-dir", str(SHARED_MNIST), "--out", str(out)]
+    argv = ["experiment", "tracin-mnist", "--data-dir", str(synthetic_mnist_dir), "--no-download", "--out", str(out)]
     assert main([*argv, "--train-size", "500", "--epochs", "2", "--k", "5", "--cg-maxiter", "100", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {"config", "accuracy", "test_point", "influence", "correlation", "top_k_overlap", "top_k", "timings_seconds", "checkpoints"} <= set(results)
@@ -43,6 +38,8 @@ def test_tracin_mnist_end_to_end(tmp_path: Path):
     assert results["test_point"]["index"] == 8 and len(results["train_indices"]) == 500
     assert 0.0 <= results["accuracy"]["test"] <= 1.0
     assert (out / "figure.png").read_bytes()[:8] == PNG_MAGIC
+    report = (out / "report.html").read_text(encoding="utf-8")  # test image, IF and TracIn top-5s, scatter
+    assert external_references(report) == [] and report.count('src="data:image/png;base64,') == 1 + 3 * 10 + 1
     assert [c["epoch"] for c in results["checkpoints"]] == [1, 2]
     for record in results["checkpoints"]:
         with safe_open(str(out / record["path"]), framework="pt") as f:
@@ -51,9 +48,9 @@ def test_tracin_mnist_end_to_end(tmp_path: Path):
 
 
 @pytest.mark.parametrize("knn_index,timed_index", [("flat", "ivf"), ("hnsw", "none")])
-def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str, timed_index: str):
+def test_fastif_recall_end_to_end(tmp_path: Path, synthetic_mnist_dir: Path, knn_index: str, timed_index: str):
     out = tmp_path / "fastif"
-    argv = ["experiment", "fastif-recall", "--data-dir", str(SHARED_MNIST), "--out", str(out), "--knn-index", knn_index]
+    argv = ["experiment", "fastif-recall", "--data-dir", str(synthetic_mnist_dir), "--no-download", "--out", str(out), "--knn-index", knn_index]
     small = ["--train-size", "1500", "--test-indices", "8,3", "--ks", "100,500", "--speedup-k", "500", "--timing-repeats", "1"]
     timed = ["--timed-index", timed_index, "--ivf-nprobe", "120"]  # 120 of the 155 lists: enough to fill k = 500
     assert main([*argv, *small, *timed, "--no-progress"]) == 0
@@ -82,3 +79,5 @@ def test_fastif_recall_end_to_end(tmp_path: Path, knn_index: str, timed_index: s
     speedup = results["speedup"]
     assert speedup["k"] == 500 and speedup["speedup"] > 0 and speedup["fastif_seconds"] > 0
     assert (out / "figure.png").read_bytes()[:8] == PNG_MAGIC
+    report = (out / "report.html").read_text(encoding="utf-8")  # test image, top-10s, the recall figure
+    assert external_references(report) == [] and report.count('src="data:image/png;base64,') == 1 + 20 + 1

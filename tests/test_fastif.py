@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.datasets.mnist import MNIST_MD5, koh_liang_split, load_mnist
+from influencekit.datasets.mnist import koh_liang_split, load_mnist
 from influencekit.scores.fastif import (
     RECALL_KINDS,
     candidate_influence,
@@ -24,7 +24,6 @@ from influencekit.objectives.softmax_regression import SoftmaxRegressionObjectiv
 from influencekit.solvers.cg import CGSolver
 from influencekit.solvers.direct import DirectSolver
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 LAMBDA = 0.05
 
 
@@ -207,14 +206,11 @@ def test_recall_at_k_on_hand_made_sets():
         recall_at_k(torch.tensor([[1, 2]]), torch.tensor([[1, 2], [3, 4]]))
 
 
-# --------------------------------------------------------------- a real MNIST run
+# ------------------------------------------------- an MNIST-sized run (the synthetic set)
 
 
-@pytest.mark.skipif(
-    not all((SHARED_MNIST / f"{name}.gz").is_file() for name in MNIST_MD5), reason=f"MNIST not found in {SHARED_MNIST}"
-)
-def test_recall_table_on_a_2000_point_mnist_logistic_regression():
-    split = koh_liang_split(load_mnist(SHARED_MNIST))
+def test_recall_table_on_a_2000_point_mnist_logistic_regression(synthetic_mnist_dir: Path):
+    split = koh_liang_split(load_mnist(synthetic_mnist_dir))
     n = 2000
     x, y = split.x_train[:n], split.y_train[:n]
     fit = fit_softmax_regression(x, y, 0.01, num_classes=10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -147,6 +149,7 @@ def with_worker_identity(shared: tuple[np.ndarray, np.ndarray], batch: list[int]
 
 
 def test_dask_workers_match_in_process(tmp_path: Path) -> None:
+    environ = dict(os.environ)
     x, y = make_problem()
     indices = list(range(N))
     local_cache = RefitCache(tmp_path / "local", "f")
@@ -168,6 +171,8 @@ def test_dask_workers_match_in_process(tmp_path: Path) -> None:
         ids_per_pid.setdefault(result["pid"], set()).add(result["shared_id"])
     assert os.getpid() not in ids_per_pid
     assert all(len(ids) == 1 for ids in ids_per_pid.values()), ids_per_pid
+    # Dask's nanny set OMP_NUM_THREADS=1 etc. here to spawn the workers; they are unset again
+    assert dict(os.environ) == environ
 
 
 SCRIPT = """
@@ -246,3 +251,99 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
             resumed[i]["theta"], uninterrupted[i]["theta"], rtol=1e-13, atol=0
         )
         assert resumed[i]["rss"] == pytest.approx(uninterrupted[i]["rss"], rel=1e-13)
+
+
+def refit_killing_its_worker(shared: tuple, batch: list[int]) -> list[dict]:
+    """``with_worker_identity``; the batch holding ``victim`` SIGKILLs its worker process once.
+
+    It first waits (at most 60 s) until the client has committed ``after`` entries to the
+    cache, then records those entries' (inode, mtime_ns) in ``marker`` and kills the
+    process it runs in. The marker, created exclusively, makes the kill happen once:
+    the task's retry on another worker computes normally.
+    """
+    from influencekit.validation.refit_cache import RefitCache
+
+    problem, (cache_dir, victim, after, marker) = shared
+    if victim in batch:
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            cache = RefitCache(cache_dir, "f")
+            deadline = time.monotonic() + 60
+            while len(cache.done_indices()) < after and time.monotonic() < deadline:
+                time.sleep(0.02)
+            entries = {}
+            for i in cache.done_indices():
+                stat = (cache.path / f"{i}.safetensors").stat()
+                entries[i] = [stat.st_ino, stat.st_mtime_ns]
+            os.write(fd, json.dumps({"pid": os.getpid(), "entries": entries}).encode())
+            os.fsync(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return with_worker_identity(problem, batch)
+
+
+def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dask", *command],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def test_external_scheduler_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
+    """`dask scheduler` + two `dask worker` processes; one worker is SIGKILLed mid-run.
+
+    Its tasks are rerun on the other worker; every refit ends up in the cache once, and
+    nothing that was committed before the kill is written again.
+    """
+    src_dir = Path(parallel.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(src_dir), os.environ.get("PYTHONPATH")] if p)}
+    scheduler_file = tmp_path / "scheduler.json"
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(_start(
+            ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env))
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():  # written once the scheduler listens
+            assert processes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.05)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for k in range(2):
+            processes.append(_start(
+                ["worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                 "--host", "127.0.0.1"], tmp_path / f"worker{k}.log", env))
+        from distributed import Client
+
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)  # so the scattered payload is on both
+            pids_before = set(client.run(os.getpid).values())
+
+        x, y = make_problem()
+        cache = RefitCache(tmp_path / "cache", "f")
+        marker = tmp_path / "killed.json"
+        indices = list(range(16))
+        results = run_refits(
+            refit_killing_its_worker, indices, cache,
+            shared=((x, y), (str(tmp_path / "cache"), 8, 4, str(marker))),
+            scheduler_address=address, batch_size=1, progress=False,
+        )
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    killed = json.loads(marker.read_text())
+    assert killed["pid"] in pids_before
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)  # that worker process is gone
+    assert len(killed["entries"]) >= 4
+    assert results[8]["pid"] != killed["pid"]  # the killed task was rerun elsewhere
+    assert_matches_lstsq(results, indices)
+    assert cache.done_indices() == indices
+    for i, identity in killed["entries"].items():  # committed before the kill: never rewritten
+        stat = (cache.path / f"{i}.safetensors").stat()
+        assert [stat.st_ino, stat.st_mtime_ns] == identity

@@ -13,10 +13,11 @@ Data flows one way, and so do the packages:
 Every solver, curvature and score type is importable from here (``import influencekit as ik``).
 """
 
-from influencekit import curvature, objectives, scores, search, solvers
+from influencekit import curvature, errors, objectives, scores, search, solvers
 from influencekit._deprecation import alias_getattr
 from influencekit.curvature import *  # noqa: F403
 from influencekit.data import DataSource
+from influencekit.errors import *  # noqa: F403
 from influencekit.objectives import *  # noqa: F403
 from influencekit.scores import *  # noqa: F403
 from influencekit.search import *  # noqa: F403
@@ -25,7 +26,7 @@ from influencekit.tracin import LastLayerTracIn, TracInCP
 
 __all__ = sorted(
     {"DataSource", "LastLayerTracIn", "TracInCP"}
-    | set(curvature.__all__) | set(objectives.__all__) | set(scores.__all__) | set(search.__all__) | set(solvers.__all__)
+    | set(errors.__all__) | set(curvature.__all__) | set(objectives.__all__) | set(scores.__all__) | set(search.__all__) | set(solvers.__all__)
 )
 
 __getattr__ = alias_getattr(__name__, solvers.DEPRECATED_NAMES)

@@ -2,6 +2,13 @@
 
 Each command lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs.
+
+Expected failures print one line, ``influencekit: error: <what went wrong and
+what to do>``, on stderr and exit with status 2, without a traceback: a bad
+argument, and the exception types of :func:`expected_errors` (missing or corrupt
+data that could not be downloaded, a rejected input, a curvature that is not
+positive definite, a diverging LiSSA recursion). ``influencekit --debug ...``
+shows their traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     "reproduce": {
@@ -19,15 +27,55 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "tracin-mnist": ("influencekit.experiments.tracin_mnist", "TracIn on an MLP trained with SGD on MNIST vs. influence functions"),
         "fastif-recall": ("influencekit.experiments.fastif_recall", "FastIF kNN pre-selection: recall@m and speed-up of top-k search"),
     },
+    "evaluate": {
+        "methods": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
+    },
     "download": {
         "mnist": ("influencekit.datasets.mnist", "Download MNIST (checksum-verified) into --data-dir"),
     },
 }
 
 
+EXIT_EXPECTED_ERROR = 2
+"""Exit status of an expected failure (argparse's status for a usage error)."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types reported as one line and exit status 2 (imported only once a command failed).
+
+    ``DatasetError`` (MNIST absent with ``--no-download``, download failed on every
+    mirror, corrupt file), ``ValueError`` (rejected inputs, including
+    ``NotPositiveDefiniteError``), ``LiSSADivergenceError`` (scale too small).
+    Their messages name the fix.
+    """
+    from influencekit.datasets.mnist import DatasetError
+    from influencekit.solvers.lissa import LiSSADivergenceError
+
+    return (DatasetError, ValueError, LiSSADivergenceError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``--help`` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_EXPECTED_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _command(argv: Sequence[str]) -> tuple[str, str] | None:
+    """``(group, name)``: the first two arguments once a global ``--debug`` is set aside."""
+    words = [a for a in argv if a != "--debug"]
+    return (words[0], words[1]) if len(words) >= 2 else None
+
+
 def build_parser(command: tuple[str, str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s module is imported to add its options."""
-    parser = argparse.ArgumentParser(prog="influencekit", description="Which training examples made my model predict this?")
+    parser = _Parser(prog="influencekit", description="Which training examples made my model predict this?")
+    debug_help = "show the traceback of an expected error too"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     groups = parser.add_subparsers(dest="group", required=True)
     for group, commands in COMMANDS.items():
         group_parser = groups.add_parser(group)
@@ -35,16 +83,24 @@ def build_parser(command: tuple[str, str] | None = None) -> argparse.ArgumentPar
         for name, (module, help_text) in commands.items():
             sub = names.add_parser(name, help=help_text, description=help_text)
             sub.set_defaults(module=module)
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)  # also after the command
             if command == (group, name):
                 importlib.import_module(module).configure(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; an expected failure prints one line on stderr and returns 2 (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser((argv[0], argv[1]) if len(argv) >= 2 else None)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
-    return int(importlib.import_module(args.module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except Exception as error:
+        if args.debug or not isinstance(error, expected_errors()):
+            raise
+        print(f"influencekit: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_EXPECTED_ERROR
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import dask
@@ -43,6 +44,27 @@ def local_cluster(workers: int) -> LocalCluster:
 
 
 @contextlib.contextmanager
+def environment_restored() -> Iterator[None]:
+    """Undo changes to ``os.environ`` made inside the block.
+
+    Dask's ``Nanny`` sets ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ``OPENBLAS_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in
+    the *client's* ``os.environ`` before it spawns each worker, and leaves them there.
+    Every process this one starts afterwards would then run single-threaded BLAS,
+    whose results differ from multi-threaded BLAS in the last bits, so a model fitted
+    in such a subprocess has another :func:`~influencekit.validation.refit_cache.fingerprint_of` than the same fit here,
+    and a resumed run would not find the refits it saved.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def dask_client(
     workers: int, scheduler_address: str | None = None, client: Client | None = None
 ) -> Iterator[Client]:
@@ -50,7 +72,8 @@ def dask_client(
 
     A new local cluster (:func:`local_cluster`) is waited for until all
     ``workers`` are up, so that a broadcast reaches every one of them; it is
-    closed on exit.
+    closed on exit, and the environment variables its nannies set in this
+    process are restored (:func:`environment_restored`).
     """
     if client is not None:
         yield client
@@ -59,6 +82,7 @@ def dask_client(
         if scheduler_address is not None:
             yield stack.enter_context(Client(scheduler_address))
             return
+        stack.enter_context(environment_restored())  # exited last, after the cluster has closed
         cluster = stack.enter_context(local_cluster(workers))
         connected = stack.enter_context(Client(cluster))
         connected.wait_for_workers(workers)

@@ -6,6 +6,12 @@ the whole data set (split into chunks of ``chunk_size`` rows) or a DataLoader /
 re-iterable of batches (of any, possibly uneven, sizes). Every full pass in the
 library sums over examples and divides by the true number of examples ``n``, so
 the batching never changes a result.
+
+Checks (see :mod:`influencekit.checks`): the data set must not be empty nor hold a
+NaN/inf in a floating tensor (checked once, on construction: for a loader during the
+pass that counts its examples); a DataLoader must read its data set in order; and a
+loader must give the same batches on every pass: a fingerprint of each batch taken on
+the first pass is compared on every later one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
+
+from influencekit.checks import (
+    batch_fingerprint,
+    check_finite_batch,
+    check_not_empty,
+    check_same_batch,
+    check_sequential_sampler,
+)
 
 Batch = Union[Tensor, Sequence[Any], Mapping[str, Any]]
 
@@ -82,29 +96,40 @@ class DataSource:
             a ``torch.utils.data.DataLoader``, or any re-iterable of batches.
         chunk_size: rows per chunk when ``data`` is a single batch. Bounds the
             memory of per-example computations.
+        role: what the data is, for error messages (e.g. "training data").
+
+    Raises:
+        EmptyDataError, NonFiniteError, NonSequentialSamplerError (on construction);
+        NondeterministicDataError (on a later pass whose batches differ from the first).
     """
 
-    def __init__(self, data: Batch | Iterable[Batch], chunk_size: int = 1024):
+    def __init__(self, data: Batch | Iterable[Batch], chunk_size: int = 1024, role: str = "data"):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        self.role = role
         self._loader: Iterable[Batch] | None = None
         self._tensors: Batch | None = None
+        self._fingerprints: list[Tensor] = []
         if isinstance(data, (Tensor, Mapping, tuple, list)) and _is_batch(data):
             self._tensors = data
             self.n = batch_size(data)
+            check_finite_batch(data, role)
         elif isinstance(data, Iterable):
-            _refuse_shuffling(data)
+            check_sequential_sampler(data)
             self._loader = data
-            self.n = sum(batch_size(b) for b in data)
+            self.n = 0
+            for batch in data:  # the first pass: count, check and fingerprint every batch
+                check_finite_batch(batch, role, self.n)
+                self._fingerprints.append(batch_fingerprint(batch))
+                self.n += batch_size(batch)
         else:
             raise TypeError(f"data must be a batch of tensors or an iterable of batches, got {type(data).__name__}")
-        if self.n == 0:
-            raise ValueError("the data set is empty")
+        check_not_empty(self.n, role)
 
     @classmethod
-    def wrap(cls, data: "DataSource | Batch | Iterable[Batch]", chunk_size: int = 1024) -> "DataSource":
-        return data if isinstance(data, DataSource) else cls(data, chunk_size)
+    def wrap(cls, data: "DataSource | Batch | Iterable[Batch]", chunk_size: int = 1024, role: str = "data") -> "DataSource":
+        return data if isinstance(data, DataSource) else cls(data, chunk_size, role)
 
     def __len__(self) -> int:
         return self.n
@@ -115,7 +140,14 @@ class DataSource:
             for start in range(0, self.n, self.chunk_size):
                 yield index_batch(self._tensors, slice(start, start + self.chunk_size))
         else:
-            yield from self._loader  # type: ignore[misc]
+            start, count = 0, 0
+            for batch in self._loader:  # type: ignore[union-attr]
+                first = self._fingerprints[count] if count < len(self._fingerprints) else None
+                check_same_batch(batch_fingerprint(batch), first, self.role, count, start)
+                start, count = start + batch_size(batch), count + 1
+                yield batch
+            if count != len(self._fingerprints):  # the loader ended early
+                check_same_batch(torch.zeros(0), None, self.role, count, start)
 
     def gather(self, indices: Tensor) -> Batch:
         """The examples at ``indices`` (1-D int tensor) as one batch, in that order."""
@@ -135,12 +167,3 @@ def _is_batch(data: Any) -> bool:
     if isinstance(data, Mapping):
         return all(isinstance(v, Tensor) for v in data.values())
     return all(isinstance(v, Tensor) for v in data)
-
-
-def _refuse_shuffling(loader: Iterable[Batch]) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler):
-        raise ValueError(
-            "the DataLoader shuffles its data; influence scores are indexed by the position of each "
-            "example, so pass a loader with shuffle=False"
-        )

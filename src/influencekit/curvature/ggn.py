@@ -26,18 +26,13 @@ The sweep over the training data is :class:`~influencekit.curvature.example_sum.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from influencekit.curvature.example_sum import ExampleSumCurvature
-from influencekit.data import Batch, reshape_leading
-from influencekit.losses import cast_floats
-from influencekit.linalg import check_directions
-from influencekit.objectives.torch_objective import TorchObjective
+from influencekit.data import Batch
 
 
 class GaussNewtonOperator(ExampleSumCurvature):

@@ -3,6 +3,7 @@
 from influencekit.datasets.mnist import (
     DEFAULT_MIRROR,
     LECUN_MIRROR,
+    MIRRORS,
     MNIST,
     DatasetCorruptError,
     DatasetError,
@@ -13,11 +14,14 @@ from influencekit.datasets.mnist import (
     koh_liang_split,
     koh_liang_validation,
     load_mnist,
+    load_or_download_mnist,
+    write_mnist_format,
 )
 
 __all__ = [
     "DEFAULT_MIRROR",
     "LECUN_MIRROR",
+    "MIRRORS",
     "MNIST",
     "DatasetCorruptError",
     "DatasetError",
@@ -28,4 +32,6 @@ __all__ = [
     "koh_liang_split",
     "koh_liang_validation",
     "load_mnist",
+    "load_or_download_mnist",
+    "write_mnist_format",
 ]

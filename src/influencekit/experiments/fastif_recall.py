@@ -52,17 +52,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencekit.curvature.hessian import HessianOperator
-from influencekit.datasets.mnist import koh_liang_split, load_mnist
+from influencekit.datasets.mnist import add_data_arguments, koh_liang_split, load_or_download_mnist
 from influencekit.scores.fastif import (
     RECALL_KINDS,
-    KNNCandidateSelector,
     RecallTable,
     ScoringMethod,
     fastif_recall_table,
     fastif_top_m,
 )
-from influencekit.scores.influence import InfluenceFunction, InfluenceScores
 from influencekit.objectives.softmax_regression import SoftmaxFit, SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.reports.experiments import write_fastif_recall_report
+from influencekit.scores.influence import InfluenceFunction, InfluenceScores
+from influencekit.search import KNNCandidateSelector
 from influencekit.solvers.base import SolveResult
 from influencekit.solvers.cg import CGSolver
 
@@ -100,16 +101,19 @@ def fit_w1(
     train_size: int | None = None,
     weight_decay: float = KOH_LIANG_WEIGHT_DECAY,
     tol: float = 1e-10,
+    *,
+    download: bool = True,
 ) -> W1:
     """Load MNIST, take Koh & Liang's split and fit their logistic regression in float64.
 
     Args:
-        data_dir: directory with the MNIST IDX files (see :func:`load_mnist`).
+        data_dir: directory with the MNIST IDX files (see :func:`load_or_download_mnist`).
         train_size: use only the first ``train_size`` training points (None: all 55,000).
         weight_decay: lambda of the L2 term.
         tol: Newton-CG stops at ||grad R|| <= tol.
+        download: download MNIST into the data directory if it is absent.
     """
-    split = koh_liang_split(load_mnist(data_dir, dtype=torch.float64))
+    split = koh_liang_split(load_or_download_mnist(data_dir, torch.float64, download=download))
     n = split.x_train.shape[0] if train_size is None else train_size
     if not 1 <= n <= split.x_train.shape[0]:
         raise ValueError(f"train_size must lie in [1, {split.x_train.shape[0]}], got {train_size}")
@@ -140,7 +144,7 @@ def _int_list(text: str) -> list[int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the experiment's options to ``parser``."""
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory for results.json and figure.png")
     parser.add_argument("--test-indices", type=_int_list, default=None, help="comma-separated test indices (default: 8 and --num-test - 1 seeded random others)")
     parser.add_argument("--num-test", type=int, default=10, help="number of test points when --test-indices is not given (default 10)")
@@ -309,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print("fitting the logistic regression (Newton-CG, float64) ...", flush=True)
-    w1 = fit_w1(args.data_dir, args.train_size)
+    w1 = fit_w1(args.data_dir, args.train_size, download=not args.no_download)
     n = w1.objective.n_train
     test_indices = args.test_indices if args.test_indices is not None else default_test_indices(args.num_test, seed=args.seed)
     if not all(0 <= i < w1.x_test.shape[0] for i in test_indices):
@@ -375,5 +379,6 @@ def run(args: argparse.Namespace) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     recall_figure(table, n, args.out / "figure.png")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'figure.png'}")
+    write_fastif_recall_report(args, results, w1, scores, test_indices)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'figure.png'} and {args.out / 'report.html'}")
     return 0

@@ -3,16 +3,21 @@
 Pipeline (every number it prints is checkable):
  1. MNIST, Koh & Liang's split (training images 5,000..59,999, pixels / 255).
  2. Softmax regression W (10 x 784, no bias), R(W) = mean CE + (0.01/2)||W||^2,
-    float64, Newton-CG to ||grad R|| <= 1e-10 (refused otherwise).
+    float64, Newton-CG to ||grad R|| <= 1e-10 within 100 Newton steps.
  3. Explicit Hessian, its Cholesky factor (which proves positive definiteness)
     and its extreme eigenvalues (Lanczos, shift-inverted for the smallest).
+    Refused (exit code 2, one line naming the fix) when the model is not at its
+    optimum (unless ``--allow-untrustworthy``: then ``results.json`` says
+    ``"trustworthy": false`` and lists ``"untrustworthy_reasons"``), and always
+    when the Hessian is not positive definite (only with --weight-decay <= 0:
+    the leave-one-out objectives then have no minimum to retrain to).
  4. Predicted change on removal, -(1/n) I_up,loss, for all training points with
     each solver: exact (Cholesky), CG, LiSSA (Koh & Liang: scale 25, depth 5000,
     10 repeats, batch 1, damping 0).
  5. The ``num_points`` largest |I_up,loss| (exact) are refit without each point to
     the exact leave-one-out optimum (float64, ||grad|| <= 1e-10) on Dask, each refit
     saved at once in a crash-safe cache; actual = L(z_test, W_-i) - L(z_test, W).
- 6. ``results.json``, ``points.csv`` and ``figure.png`` in ``--out``.
+ 6. ``results.json``, ``points.csv``, ``figure.png`` and ``report.html`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ import torch
 
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.curvature.spectrum import extreme_eigenvalues
-from influencekit.scores.influence import InfluenceFunction
+from influencekit.datasets.mnist import add_data_arguments
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.reports.experiments import write_koh_liang_fig2_report
+from influencekit.scores.influence import InfluenceFunction
 from influencekit.solvers import CGSolver, DirectSolver, LiSSASolver
+from influencekit.solvers.base import NotPositiveDefiniteError
 from influencekit.validation.leave_one_out import (
     MappedRefitProblem,
     SoftmaxRefitProblem,
@@ -57,12 +65,14 @@ class Fig2Config:
 
     out: Path
     data_dir: Path | None = None
+    download: bool = True
     test_indices: list[int] = field(default_factory=lambda: [8])
     num_points: int = 500
     solvers: list[str] = field(default_factory=lambda: list(SOLVERS))
     train_size: int | None = None
     weight_decay: float = 0.01
     optimum_tol: float = 1e-10
+    max_newton_steps: int = 100
     cg_rtol: float = 1e-10
     lissa_scale: float = 25.0
     lissa_depth: int = 5000
@@ -79,7 +89,7 @@ class Fig2Config:
 
 
 class UntrustworthyModelError(RuntimeError):
-    """The model is not at an optimum or its Hessian is not positive definite."""
+    """The model is not at an optimum or its Hessian is not positive definite (message: one line, with the fix)."""
 
 
 def _log(message: str) -> None:
@@ -87,20 +97,9 @@ def _log(message: str) -> None:
 
 
 def _load_data(config: Fig2Config):
-    from influencekit.datasets import DatasetNotFoundError, default_data_dir, download_mnist, koh_liang_split, load_mnist
+    from influencekit.datasets import koh_liang_split, load_or_download_mnist
 
-    try:
-        mnist = load_mnist(config.data_dir)
-    except DatasetNotFoundError as error:
-        target = config.data_dir or default_data_dir()
-        if not sys.stdin.isatty():
-            raise
-        answer = input(f"{error}\nDownload MNIST (about 11 MB) into {target} now? [y/N] ")
-        if answer.strip().lower() not in {"y", "yes"}:
-            raise
-        download_mnist(target)
-        mnist = load_mnist(target)
-    split = koh_liang_split(mnist)
+    split = koh_liang_split(load_or_download_mnist(config.data_dir, download=config.download, progress=config.progress))
     x, y = split.x_train, split.y_train
     if config.train_size is not None:
         x, y = x[: config.train_size], y[: config.train_size]
@@ -136,7 +135,8 @@ def reproduce(config: Fig2Config) -> dict:
     tests = (x_test[config.test_indices], y_test[config.test_indices])
     _log(f"data: n_train = {n}, d = {x.shape[1]}, test indices {config.test_indices}")
 
-    fit = fit_softmax_regression(x, y, config.weight_decay, num_classes=10, tol=config.optimum_tol)
+    fit = fit_softmax_regression(x, y, config.weight_decay, num_classes=10, tol=config.optimum_tol,
+                                 max_newton_steps=config.max_newton_steps, strict=False)
     objective = SoftmaxRegressionObjective(fit.weights, x, y, config.weight_decay)
     test_accuracy = float(((x_test @ fit.weights.T).argmax(1) == y_test).double().mean())
     _log(f"model: ||grad R|| = {fit.gradient_norm:.3g} after {fit.newton_steps} Newton steps "
@@ -146,26 +146,26 @@ def reproduce(config: Fig2Config) -> dict:
     hessian = objective.hessian()
     hessian_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    warnings: list[str] = []
+    reasons: list[str] = []  # why the results would not be trustworthy
+    if fit.gradient_norm > config.optimum_tol:
+        reasons.append(f"not at the optimum: ||grad R|| = {fit.gradient_norm:.3g} > --optimum-tol {config.optimum_tol:g} "
+                       f"after {fit.newton_steps} Newton steps (raise --max-newton-steps above {config.max_newton_steps})")
     try:
         exact = DirectSolver(hessian)
-        negative = 0
-    except Exception as error:  # NotPositiveDefiniteError: report, refuse unless allowed
-        if not config.allow_untrustworthy:
-            raise UntrustworthyModelError(str(error)) from error
-        warnings.append(str(error))
-        exact = None
-        negative = int((torch.linalg.eigvalsh(hessian) < 0).sum())
+    except NotPositiveDefiniteError as error:
+        negative = int((error.negative_eigenvalues < 0).sum())
+        reasons.append(f"the Hessian is not positive definite: {negative} negative eigenvalues, smallest {error.smallest:.4g}; "
+                       f"damping {error.suggested_damping:.3g} would make H + damping I positive definite, but the "
+                       f"leave-one-out refits need a minimum: use --weight-decay > 0 (got {config.weight_decay:g})")
+        raise UntrustworthyModelError("; ".join(reasons)) from error  # --allow-untrustworthy cannot retrain either
+    if reasons and not config.allow_untrustworthy:
+        raise UntrustworthyModelError("; ".join(reasons) + "; or pass --allow-untrustworthy to go on (results marked)")
     factor_seconds = time.perf_counter() - t
-    inverse = None if exact is None else exact.inverse_operator()
-    min_eig, max_eig = extreme_eigenvalues(DenseOperator(hessian), inverse=inverse)
+    min_eig, max_eig = extreme_eigenvalues(DenseOperator(hessian), inverse=exact.inverse_operator())
     _log(f"hessian: {hessian.shape[0]} x {hessian.shape[0]} in {hessian_seconds:.1f} s, Cholesky {factor_seconds:.1f} s; "
-         f"eigenvalues in [{min_eig:.4g}, {max_eig:.4g}], {negative} negative")
-    if fit.gradient_norm > config.optimum_tol:
-        message = f"||grad R|| = {fit.gradient_norm:.3g} > {config.optimum_tol:g}: not at the optimum"
-        if not config.allow_untrustworthy:
-            raise UntrustworthyModelError(message)
-        warnings.append(message)
+         f"eigenvalues in [{min_eig:.4g}, {max_eig:.4g}]")
+    for reason in reasons:
+        _log(f"untrustworthy (--allow-untrustworthy): {reason}")
 
     curvature = HessianOperator(objective)
     solvers = {
@@ -185,10 +185,8 @@ def reproduce(config: Fig2Config) -> dict:
     predicted: dict[str, np.ndarray] = {}
     solver_info: dict[str, dict] = {}
     for name in config.solvers:
-        if name == "exact" and exact is None:
-            continue
         t = time.perf_counter()
-        scores = InfluenceFunction(objective, solvers[name]()).scores(tests)
+        scores = InfluenceFunction(objective, solvers[name](), allow_unconverged=config.allow_untrustworthy).scores(tests)
         seconds = time.perf_counter() - t
         predicted[name] = scores.predicted_loss_change.numpy()  # (m_test, n)
         solve = scores.inverse_hvp
@@ -206,13 +204,14 @@ def reproduce(config: Fig2Config) -> dict:
     removed = sorted({int(i) for i in chosen_per_test.reshape(-1)})
 
     t = time.perf_counter()
-    factor = exact.factor if exact is not None else torch.linalg.cholesky(hessian + 1e-8 * torch.eye(len(hessian), dtype=hessian.dtype))
-    problem = SoftmaxRefitProblem(x, y, config.weight_decay, fit.weights, factor, tol=config.optimum_tol)
+    problem = SoftmaxRefitProblem(x, y, config.weight_decay, fit.weights, exact.factor, tol=config.optimum_tol)
     fingerprint = fingerprint_of(x, y, fit.weights, weight_decay=config.weight_decay, tol=config.optimum_tol, model="softmax-regression")
     cache = RefitCache(config.cache_dir or config.out / "refits", fingerprint)
+    from_cache = len(set(removed).intersection(cache.done_indices()))
+    _log(f"refit cache {cache.path}: {from_cache} of {len(removed)} refits already there")
     with contextlib.ExitStack() as stack:
         shared: SoftmaxRefitProblem | MappedRefitProblem = problem
-        if config.scheduler is None and config.workers > 0 and not set(removed) <= set(cache.done_indices()):
+        if config.scheduler is None and config.workers > 0 and from_cache < len(removed):
             # Local workers map one copy of the data and factor instead of unpickling their own.
             shared = problem.save_mapped(stack.enter_context(_problem_directory(cache.path)))
         refits = run_refits(
@@ -245,7 +244,7 @@ def reproduce(config: Fig2Config) -> dict:
         "num_points": config.num_points,
         "model": {"train_grad_norm": fit.gradient_norm, "test_accuracy": test_accuracy, "fit_seconds": fit.seconds,
                   "newton_steps": fit.newton_steps},
-        "hessian": {"min_eig": min_eig, "max_eig": max_eig, "negative": negative, "seconds": hessian_seconds + factor_seconds},
+        "hessian": {"min_eig": min_eig, "max_eig": max_eig, "negative": 0, "seconds": hessian_seconds + factor_seconds},
         "solvers": {
             name: {**_correlations(primary["predicted"][name], primary["actual"]), **solver_info[name],
                    "correlation_with_exact": (_correlations(predicted[name][0], predicted["exact"][0])["pearson"]
@@ -253,7 +252,8 @@ def reproduce(config: Fig2Config) -> dict:
             for name in predicted
         },
         "retrain": {"max_grad_norm": max_refit_grad, "seconds": retrain_seconds, "refits": len(removed),
-                    "workers": config.workers, "scheduler": config.scheduler},
+                    "from_cache": from_cache, "workers": config.workers, "scheduler": config.scheduler,
+                    "cache": str(cache.path)},
         "tests": [
             {"test_index": e["test_index"], "test_label": e["test_label"], "test_loss": e["test_loss"],
              "solvers": {name: _correlations(e["predicted"][name], e["actual"]) for name in predicted}}
@@ -261,16 +261,17 @@ def reproduce(config: Fig2Config) -> dict:
         ],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "sign_convention": "predicted = -(1/n) I_up,loss = (1/n) g_test^T H^-1 g_i; actual = L(z_test, theta_-i) - L(z_test, theta)",
-        "warnings": warnings,
-        "trustworthy": not warnings,
+        "trustworthy": not reasons,
+        "untrustworthy_reasons": reasons,
     }
     results["total_seconds"] = time.perf_counter() - start
     (config.out / "results.json").write_text(json.dumps(results, indent=2))
     _write_points(config.out / "points.csv", per_test, y, list(predicted))
     _plot(config.out / "figure.png", per_test, list(predicted), n)
+    write_koh_liang_fig2_report(config, results, per_test, predicted, (x, y), tests, fit.weights)
     for name, values in results["solvers"].items():
         _log(f"{name}: Pearson R = {values['pearson']:.4f}, Spearman rho = {values['spearman']:.4f} over {config.num_points} points")
-    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png")
+    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png, report.html")
     return results
 
 
@@ -343,7 +344,7 @@ def _plot(path: Path, per_test: list[dict], solver_names: list[str], n: int) -> 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = Fig2Config(out=Path("out"))
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--test-index", default="8", help="test image index, or several separated by commas (default 8)")
     parser.add_argument("--num-points", type=int, default=d.num_points, help="most influential points to retrain without (default 500)")
@@ -351,6 +352,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=d.workers, help="Dask LocalCluster workers (0: in-process)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (overrides --workers)")
     parser.add_argument("--train-size", type=int, default=None, help="use only the first N training points (smaller problem)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                        help="lambda of R(W) = mean CE + (lambda/2)||W||^2 (default 0.01); <= 0 leaves no unique minimum, "
+                             "the Hessian is then singular or indefinite and the run is refused")
+    parser.add_argument("--optimum-tol", type=float, default=d.optimum_tol,
+                        help="||grad R|| the model and every refit must reach (default 1e-10)")
+    parser.add_argument("--max-newton-steps", type=int, default=d.max_newton_steps,
+                        help="Newton-CG budget of the full-data fit (default 100; 0: evaluate at W = 0); a fit that stops "
+                             "short of --optimum-tol is refused unless --allow-untrustworthy")
     parser.add_argument("--seed", type=int, default=d.seed, help="LiSSA seed")
     parser.add_argument("--lissa-scale", type=float, default=d.lissa_scale)
     parser.add_argument("--lissa-depth", type=int, default=d.lissa_depth)
@@ -358,15 +367,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lissa-batch-size", type=int, default=d.lissa_batch_size)
     parser.add_argument("--lissa-damping", type=float, default=d.lissa_damping, help="added to H (Koh & Liang's d corresponds to d * scale)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="refit cache (default OUT/refits); reruns resume from it")
-    parser.add_argument("--allow-untrustworthy", action="store_true", help="compute even if not at an optimum / not positive definite (marked in results)")
+    parser.add_argument("--allow-untrustworthy", action="store_true",
+                        help="go on with a model that is not at its optimum (results.json: trustworthy false, untrustworthy_reasons); "
+                             "a Hessian that is not positive definite is refused regardless")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _config_from_args(args: argparse.Namespace) -> Fig2Config:
     return Fig2Config(
-        out=args.out, data_dir=args.data_dir, test_indices=[int(s) for s in str(args.test_index).split(",")],
+        out=args.out, data_dir=args.data_dir, download=not args.no_download, test_indices=[int(s) for s in str(args.test_index).split(",")],
         num_points=args.num_points, solvers=[s.strip() for s in args.solvers.split(",") if s.strip()],
         train_size=args.train_size, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
+        weight_decay=args.weight_decay, optimum_tol=args.optimum_tol, max_newton_steps=args.max_newton_steps,
         lissa_scale=args.lissa_scale, lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats,
         lissa_batch_size=args.lissa_batch_size, lissa_damping=args.lissa_damping, cache_dir=args.cache_dir,
         allow_untrustworthy=args.allow_untrustworthy, progress=False if args.no_progress else None,

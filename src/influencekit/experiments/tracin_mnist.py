@@ -53,11 +53,12 @@ from influencekit.curvature.base import CurvatureOperator
 from influencekit.curvature.ggn import GaussNewtonOperator
 from influencekit.curvature.hessian import HessianOperator
 from influencekit.data import Batch
-from influencekit.datasets.mnist import koh_liang_split, load_mnist
-from influencekit.search import recall_at_k
-from influencekit.scores.influence import InfluenceFunction
-from influencekit.solvers.cg import CGSolver
+from influencekit.datasets.mnist import add_data_arguments, koh_liang_split, load_or_download_mnist
 from influencekit.objectives.torch_objective import TorchObjective
+from influencekit.reports.experiments import write_tracin_mnist_report
+from influencekit.scores.influence import InfluenceFunction
+from influencekit.search import recall_at_k
+from influencekit.solvers.cg import CGSolver
 from influencekit.tracin import LastLayerTracIn, TracInCP
 
 __all__ = ["MLP", "CheckpointRecord", "configure", "cross_entropy_losses", "run", "tracin_scores", "train_sgd"]
@@ -226,7 +227,7 @@ def _figure(
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the experiment's options to ``parser``."""
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (results.json, figure.png, checkpoints/)")
     parser.add_argument("--train-size", type=int, default=10_000, help="random subset of Koh & Liang's 55,000 training points (default 10000)")
     parser.add_argument("--epochs", type=int, default=5, help="SGD epochs, one checkpoint each (default 5)")
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    split = koh_liang_split(load_mnist(args.data_dir, dtype=torch.float64))
+    split = koh_liang_split(load_or_download_mnist(args.data_dir, torch.float64, download=not args.no_download, progress=progress))
     n_split = split.x_train.shape[0]
     if not 1 <= args.train_size <= n_split:
         raise ValueError(f"--train-size must lie in [1, {n_split}], got {args.train_size}")
@@ -302,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with tqdm(desc=f"CG on {args.curvature}", unit="product", disable=None if progress is None else not progress) as bar:
         solver = CGSolver(_ProgressOperator(curvature, bar), damping=args.damping, rtol=args.cg_rtol, maxiter=args.cg_maxiter)
-        scores = InfluenceFunction(objective, solver).scores(test_batch)
+        # the result records cg_converged / cg_negative_curvature, so an unconverged solve only warns
+        scores = InfluenceFunction(objective, solver, allow_unconverged=True).scores(test_batch)
     timings["influence_total"] = time.perf_counter() - start
     timings["influence_solve"] = scores.inverse_hvp.seconds
     helpfulness["influence"] = -scores.influence_on_loss[0]
@@ -366,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
         f"p(label) = {float(test_probs[test_label]):.3f}"
     )
     _figure(out / "figure.png", test_batch[0][0], test_title, rows, x, y, subset)
+    write_tracin_mnist_report(args, results, helpfulness, (x, y), subset, test_batch[0][0])
     for pair, values in results["correlation"].items():
         print(f"{pair}: Pearson {values['pearson']:.3f}, Spearman {values['spearman']:.3f}")
-    print(f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'figure.png'} and {out / 'report.html'}")
     return 0

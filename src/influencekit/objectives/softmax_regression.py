@@ -24,6 +24,7 @@ import scipy.linalg.blas
 import torch
 from torch import Tensor
 
+from influencekit.checks import check_finite_batch, check_labels, check_not_empty
 from influencekit.data import Batch
 from influencekit.linalg import matmul
 from influencekit.losses import batch_inputs, batch_targets
@@ -46,6 +47,9 @@ class SoftmaxRegressionObjective:
             raise ValueError(f"need W (C, d) and X (n, d), got {tuple(weights.shape)} and {tuple(inputs.shape)}")
         if targets.shape != (inputs.shape[0],):
             raise ValueError(f"targets must have shape ({inputs.shape[0]},), got {tuple(targets.shape)}")
+        check_not_empty(inputs.shape[0], "training data")
+        check_finite_batch((inputs, targets), "training data")
+        check_labels(targets, weights.shape[0], "training data", 0)
         self.weights = weights.detach()
         self.inputs = inputs.to(weights.dtype)
         self.targets = targets.long()
@@ -218,18 +222,24 @@ def fit_softmax_regression(
     tol: float = 1e-10,
     initial: Tensor | None = None,
     max_newton_steps: int = 100,
+    strict: bool = True,
 ) -> SoftmaxFit:
     """Minimise R(W) = mean CE + (lambda/2)||W||^2 to ||grad R|| <= ``tol`` by Newton-CG.
 
     Each Newton step solves H s = -g with conjugate gradient (relative tolerance
-    min(0.1, sqrt ||g||): superlinear convergence) and backtracks on R. Requires
-    weight_decay > 0 (otherwise the optimum may not exist). Raises RuntimeError
-    if ``tol`` is not reached within ``max_newton_steps``.
+    min(0.1, sqrt ||g||): superlinear convergence) and backtracks on R.
+
+    With ``strict`` (the default) weight_decay must be > 0 (otherwise the optimum
+    may not exist) and RuntimeError is raised if ``tol`` is not reached within
+    ``max_newton_steps``. With ``strict=False`` any weight_decay is accepted and
+    the iterate where the budget ran out is returned (``max_newton_steps=0``:
+    W = 0, or ``initial``); its ``gradient_norm`` says how far from an optimum
+    it is, and the caller must check it.
     """
     from influencekit.curvature.hessian import HessianOperator
     from influencekit.solvers.cg import CGSolver
 
-    if weight_decay <= 0:
+    if strict and weight_decay <= 0:
         raise ValueError("weight_decay must be > 0 for a unique optimum")
     start = time.perf_counter()
     num_classes = int(targets.max()) + 1 if num_classes is None else num_classes
@@ -242,6 +252,8 @@ def fit_softmax_regression(
         if gradient_norm <= tol:
             return SoftmaxFit(weights, gradient_norm, step, cg_total, time.perf_counter() - start)
         if step == max_newton_steps:
+            if not strict:
+                return SoftmaxFit(weights, gradient_norm, step, cg_total, time.perf_counter() - start)
             break
         cg = CGSolver(HessianOperator(objective), rtol=min(0.1, gradient_norm**0.5), maxiter=500)
         solve = cg.solve(gradient)

@@ -9,8 +9,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from influencekit.data import Batch, DataSource, batch_size, map_batch, reshape_leading
-from influencekit.losses import ForwardFn, LossFn, cast_floats, default_forward, resolve_loss
+from influencekit.checks import (
+    check_eval_mode,
+    check_finite_parameters,
+    check_labels,
+    named_tensors,
+    warn_lossy_cast,
+)
+from influencekit.data import Batch, DataSource, batch_size, index_batch, map_batch, reshape_leading
+from influencekit.errors import DtypeError
+from influencekit.losses import ForwardFn, LossFn, batch_targets, cast_floats, cross_entropy, default_forward, resolve_loss
 from influencekit.linalg import check_directions
 from influencekit.parameters import ParameterSpace
 
@@ -18,10 +26,24 @@ from influencekit.parameters import ParameterSpace
 class TorchObjective:
     """R(theta) = (1/n) sum_i loss(model(z_i)) + (weight_decay/2) ||theta||^2 for a PyTorch model.
 
+    Dtype rule: the attributed parameters' dtype (all must share one, else
+    :class:`~influencekit.errors.DtypeError`) is the dtype of every computation;
+    floating-point tensors of every batch are cast to it, integer tensors (class
+    labels, token ids) stay integer. A cast that loses precision (float64 data,
+    float32 model) warns once with :class:`~influencekit.errors.DtypeCastWarning`;
+    call ``model.double()`` to compute in float64.
+
+    Checks on construction: the model's parameters and buffers are finite; no
+    dropout or batch-norm module is in train mode (unless ``allow_train_mode``);
+    the training data is non-empty and finite (see :class:`DataSource`). On every
+    pass with the built-in "cross_entropy" loss or measurement (for training
+    data, until one full pass has checked them all): labels lie in [0, number
+    of outputs). Each failure is an
+    :class:`~influencekit.errors.InfluenceInputError` naming the example or parameter.
+
     Args:
         model: the trained model, evaluated in its current mode (call ``.eval()``
-            first if it has dropout or batch norm). Its parameter dtype is the
-            dtype of every computation (``model.double()`` for float64).
+            first if it has dropout or batch norm).
         loss: per-example training loss ``loss(outputs, batch) -> (B,)`` or the
             name of a built-in ("cross_entropy", "squared_error").
         train_data: training set: a batch of tensors (tuple/dict, leading dim n),
@@ -35,6 +57,8 @@ class TorchObjective:
         forward: ``forward(model_call, batch) -> outputs``; default calls the
             model on ``batch[0]`` / ``batch["inputs"]``.
         chunk_size: rows per chunk for per-example work (bounds memory).
+        allow_train_mode: accept a model whose dropout / batch-norm modules are in
+            train mode (every pass then sees different or batch-dependent outputs).
     """
 
     def __init__(
@@ -48,6 +72,7 @@ class TorchObjective:
         params: Sequence[str] | None = None,
         forward: ForwardFn = default_forward,
         chunk_size: int = 1024,
+        allow_train_mode: bool = False,
     ):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -56,14 +81,25 @@ class TorchObjective:
         self.measurement = self.loss if measurement is None else resolve_loss(measurement)
         self.forward = forward
         self.weight_decay = float(weight_decay)
+        check_eval_mode(model, allow_train_mode)
+        check_finite_parameters(model)
         self.space = ParameterSpace.from_module(model, params)
         named = dict(model.named_parameters())
+        dtypes = {named[n].dtype for n in self.space.names}
+        if len(dtypes) != 1:
+            raise DtypeError(
+                f"the attributed parameters mix dtypes {sorted(map(str, dtypes))}; convert the model to one "
+                "(model.double() or model.float())"
+            )
         self.theta = self.space.flatten({n: named[n].detach() for n in self.space.names})
         self._fixed = {n: p.detach() for n, p in named.items() if n not in self.space.names}
         self._fixed.update(dict(model.named_buffers()))
-        self.train = DataSource.wrap(train_data, chunk_size)
+        self.train = DataSource.wrap(train_data, chunk_size, role="training data")
         self.n_train = len(self.train)
         self.chunk_size = chunk_size
+        self._warned_cast = False
+        self._num_classes: int | None = None
+        self._train_labels_checked = False
 
     # -- basic functional pieces -------------------------------------------------
     @property
@@ -77,8 +113,32 @@ class TorchObjective:
     def parameters_vector(self) -> Tensor:
         return self.theta
 
-    def _prepare(self, batch: Batch) -> Batch:
-        return cast_floats(batch, self.dtype)
+    def _prepare(self, batch: Batch, role: str = "training data", positions: int | Tensor = 0) -> Batch:
+        """Cast the batch's floats to the parameter dtype and check its class labels.
+
+        ``positions``: data-set index of the batch's first row, or of every row (for error messages).
+        """
+        if not self._warned_cast:
+            for name, tensor in named_tensors(batch):
+                if warn_lossy_cast(tensor, self.dtype, f"{name} of the {role}"):
+                    self._warned_cast = True
+                    break
+        batch = cast_floats(batch, self.dtype)
+        training = role == "training data"
+        if (self.loss if training else self.measurement) is cross_entropy and not (training and self._train_labels_checked):
+            if self._num_classes is None:
+                with torch.no_grad():
+                    self._num_classes = int(self.outputs(self.theta, index_batch(batch, slice(0, 1))).shape[1])
+            check_labels(batch_targets(batch), self._num_classes, role, positions)
+        return batch
+
+    def _train_chunks(self):
+        """The training set in chunks, prepared and checked."""
+        start = 0
+        for chunk in self.train.chunks():
+            yield self._prepare(chunk, "training data", start)
+            start += batch_size(chunk)
+        self._train_labels_checked = True  # every training label passed; the data cannot change (see DataSource)
 
     def outputs(self, theta: Tensor, batch: Batch) -> Any:
         """Model outputs for ``batch`` at parameters ``theta`` (differentiable in theta)."""
@@ -97,25 +157,28 @@ class TorchObjective:
         return vmap(grad(single), in_dims=(None, 0))(self.theta, batch)
 
     def _chunked(self, batch: Batch):
-        batch = self._prepare(batch)
+        return self._split(self._prepare(batch, "test data"))
+
+    def _split(self, batch: Batch):
         n = batch_size(batch)
         for start in range(0, n, self.chunk_size):
             yield map_batch(lambda t: t[start : start + self.chunk_size], batch)
 
     # -- Objective protocol --------------------------------------------------------
     def objective_value(self) -> float:
-        total = sum(float(self.losses(self.theta, self._prepare(chunk)).sum()) for chunk in self.train.chunks())
+        total = sum(float(self.losses(self.theta, chunk).sum()) for chunk in self._train_chunks())
         return total / self.n_train + 0.5 * self.weight_decay * float(self.theta @ self.theta)
 
     def objective_gradient(self) -> Tensor:
         total = torch.zeros_like(self.theta)
-        for chunk in self.train.chunks():
-            total += grad(lambda t: self.losses(t, self._prepare(chunk)).sum())(self.theta)
+        for chunk in self._train_chunks():
+            total += grad(lambda t: self.losses(t, chunk).sum())(self.theta)
         return total / self.n_train + self.weight_decay * self.theta
 
     def train_gradients(self, indices: Tensor) -> Tensor:
-        batch = self.train.gather(torch.as_tensor(indices))
-        rows = [self._per_example_gradients(self.loss, chunk) for chunk in self._chunked(batch)]
+        indices = torch.as_tensor(indices).reshape(-1)
+        batch = self._prepare(self.train.gather(indices), "training data", indices)
+        rows = [self._per_example_gradients(self.loss, chunk) for chunk in self._split(batch)]
         return torch.cat(rows) + self.weight_decay * self.theta
 
     def train_gradient_dots(self, directions: Tensor) -> Tensor:
@@ -124,7 +187,7 @@ class TorchObjective:
         def dots(v: Tensor, chunk: Batch) -> Tensor:
             return jvp(lambda t: self.losses(t, chunk), (self.theta,), (v,))[1]
 
-        columns = [vmap(dots, in_dims=(0, None))(directions, self._prepare(chunk)) for chunk in self.train.chunks()]
+        columns = [vmap(dots, in_dims=(0, None))(directions, chunk) for chunk in self._train_chunks()]
         return torch.cat(columns, dim=1) + self.weight_decay * (directions @ self.theta).unsqueeze(1)
 
     def measurement_gradients(self, batch: Batch) -> Tensor:
@@ -145,8 +208,8 @@ class TorchObjective:
     def hvp(self, vectors: Tensor) -> Tensor:
         vectors = check_directions(vectors, self.dim).to(self.dtype)
         total = torch.zeros_like(vectors)
-        for chunk in self.train.chunks():
-            total += self._hvp_of(self._prepare(chunk), vectors)
+        for chunk in self._train_chunks():
+            total += self._hvp_of(chunk, vectors)
         return total / self.n_train + self.weight_decay * vectors
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:
@@ -155,7 +218,7 @@ class TorchObjective:
         k, b = indices.shape
         if k != vectors.shape[0]:
             raise ValueError(f"need one mini-batch per vector: indices {tuple(indices.shape)} vs vectors {tuple(vectors.shape)}")
-        batches = reshape_leading(self._prepare(self.train.gather(indices)), (k, b))
+        batches = reshape_leading(self._prepare(self.train.gather(indices), "training data", indices), (k, b))
 
         def one(batch: Batch, v: Tensor) -> Tensor:
             return jvp(grad(lambda t: self.losses(t, batch).mean()), (self.theta,), (v,))[1]

@@ -45,6 +45,7 @@ from influencekit.scores.influence import InfluenceFunction, InfluenceScores, To
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
 from influencekit.objectives.base import Objective
 from influencekit.solvers.base import Solver, SolveResult
+from influencekit.search.knn import KNNCandidateSelector
 from influencekit.search.recall import recall_at_k
 
 __all__ = [

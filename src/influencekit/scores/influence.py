@@ -31,9 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from influencekit.data import Batch
+from influencekit.checks import check_finite_batch, check_finite_rows, check_not_empty
+from influencekit.data import Batch, batch_size
+from influencekit.errors import NonFiniteError
 from influencekit.objectives.base import Objective
-from influencekit.solvers.base import Solver, SolveResult
+from influencekit.solvers.base import SolveResult, Solver
+from influencekit.solvers.convergence import check_solve
 
 
 @dataclass(frozen=True)
@@ -85,29 +88,63 @@ class InfluenceScores:
 class InfluenceFunction:
     """Influence of training points through an :class:`Objective` and an iHVP solver.
 
+    Every solve goes through one check (:func:`~influencekit.solvers.convergence.check_solve`):
+    a non-finite solution raises :class:`~influencekit.errors.NonFiniteError`; an iterative
+    solve that reports an unconverged row raises
+    :class:`~influencekit.solvers.convergence.IndefiniteCurvatureError` (negative curvature,
+    naming a damping that fixes it) or :class:`~influencekit.errors.UnconvergedSolveError`,
+    or only warns with ``allow_unconverged=True``. Test batches must be non-empty and
+    finite, and so must the test and training gradients (errors name the example and
+    parameter).
+
     Args:
         objective: the training objective at the trained parameters.
         solver: solves (H + damping) x = b for blocks of right-hand sides.
+        allow_unconverged: accept unconverged iterative solves with a warning.
     """
 
-    def __init__(self, objective: Objective, solver: Solver):
+    def __init__(self, objective: Objective, solver: Solver, *, allow_unconverged: bool = False):
         self.objective = objective
         self.solver = solver
+        self.allow_unconverged = allow_unconverged
+
+    def _solve(self, rhs: Tensor) -> SolveResult:
+        result = self.solver.solve(rhs)
+        check_solve(self.solver, rhs, result, allow_unconverged=self.allow_unconverged)
+        return result
 
     def inverse_hvp_of_test(self, test_batch: Batch) -> SolveResult:
         """s_test = H^{-1} grad m(z_test) for every test example (rows, shape (m, p))."""
-        return self.solver.solve(self.objective.measurement_gradients(test_batch))
+        check_not_empty(batch_size(test_batch), "test data")
+        check_finite_batch(test_batch, "test data")
+        grads = self.objective.measurement_gradients(test_batch)
+        check_finite_rows(grads, "measurement gradient", "test example", getattr(self.objective, "space", None))
+        return self._solve(grads)
 
     def scores(self, test_batch: Batch) -> InfluenceScores:
         """I_up,loss of all training points on every example of ``test_batch``."""
         solve = self.inverse_hvp_of_test(test_batch)
         dots = self.objective.train_gradient_dots(solve.solution)
+        self._check_training_dots(dots)
         return InfluenceScores(-dots, self.objective.n_train, solve, self.objective.measurement_values(test_batch))
+
+    def _check_training_dots(self, dots: Tensor) -> None:
+        """Name the first training example (and parameter) whose gradient makes a score non-finite."""
+        bad = ~torch.isfinite(dots)
+        if bool(bad.any()):
+            example = int(bad.any(dim=0).nonzero()[0])
+            gradient = self.objective.train_gradients(torch.tensor([example]))
+            space = getattr(self.objective, "space", None)
+            check_finite_rows(gradient, "training gradient", "training example", space, example)
+            raise NonFiniteError(
+                f"the influence of training example {example} is not finite although its gradient is: the product "
+                "with s_test overflows; compute in float64 (model.double()) or add damping"
+            )
 
     def influence_on_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
         """I_up,params = -H^{-1} g_i for each index, shape (k, p)."""
         grads = self.objective.train_gradients(torch.as_tensor(train_indices))
-        return -self.solver.solve(grads).solution
+        return -self._solve(grads).solution
 
     def self_influence(self, train_indices: Sequence[int] | Tensor) -> Tensor:
         """I_up,loss(z_i, z_i) = -grad l(z_i)^T H^{-1} g_i for each index, shape (k,).
@@ -118,4 +155,4 @@ class InfluenceFunction:
         indices = torch.as_tensor(train_indices)
         grads = self.objective.train_gradients(indices)
         loss_grads = grads - self.objective.weight_decay * self.objective.parameters_vector()
-        return -(loss_grads * self.solver.solve(grads).solution).sum(dim=1)
+        return -(loss_grads * self._solve(grads).solution).sum(dim=1)

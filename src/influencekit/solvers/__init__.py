@@ -11,7 +11,8 @@ from influencekit.solvers.arnoldi import ArnoldiSolver
 from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult, Solver
 from influencekit.solvers.block_cg import BlockCGSolver
 from influencekit.solvers.block_diagonal import BlockDiagonalSolver
-from influencekit.solvers.cg import CGSolver
+from influencekit.solvers.cg import CGSolver, KrylovSolver
+from influencekit.solvers.convergence import IndefiniteCurvatureError
 from influencekit.solvers.datainf import DataInfSolver
 from influencekit.solvers.direct import DirectSolver
 from influencekit.solvers.kfac import KFACSolver, SingularKFACError
@@ -28,8 +29,10 @@ __all__ = [
     "ChainDivergedError",
     "DataInfSolver",
     "DirectSolver",
+    "IndefiniteCurvatureError",
     "JacobiPreconditioner",
     "KFACSolver",
+    "KrylovSolver",
     "LiSSADivergenceError",
     "LiSSASettings",
     "LiSSASolver",

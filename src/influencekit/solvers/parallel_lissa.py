@@ -34,7 +34,7 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from distributed import Client, Future, as_completed, get_worker

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed import as_completed
+from distributed.client import FutureCancelledError
 from tqdm.auto import tqdm
 
 from influencekit.cluster import dask_client
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 RefitFn = Callable[[Any, list[int]], Sequence[Mapping[str, Any]]]
 """``refit_fn(shared, batch)``: one result mapping per index of ``batch``, in order."""
+
+_RESUBMISSIONS = 3
+"""Times a batch whose result was lost (its worker died, the scheduler dropped the task) is resubmitted."""
 
 
 def _call_refit(payload: tuple[RefitFn, Any], batch: list[int]) -> list[Mapping[str, Any]]:
@@ -111,10 +115,25 @@ def _run_on_dask(
         pending = {
             client.submit(_call_refit, payload, batch, pure=False): batch for batch in batches
         }
+        resubmitted: dict[int, int] = {}  # first index of a batch -> times resubmitted
         try:
-            for future in as_completed(list(pending)):
+            finished = as_completed(list(pending))
+            for future in finished:
                 batch = pending.pop(future)
-                _store(batch, future.result(), cache, results, bar)
+                try:
+                    outputs = future.result()
+                except FutureCancelledError as error:
+                    # A dead worker's tasks are rerun by the scheduler; this covers a result
+                    # lost with it that the scheduler then gave up on.
+                    if resubmitted.get(batch[0], 0) >= _RESUBMISSIONS:
+                        raise
+                    resubmitted[batch[0]] = resubmitted.get(batch[0], 0) + 1
+                    logger.warning("Resubmitting refits %s: %s", batch[:5], error)
+                    retry = client.submit(_call_refit, payload, batch, pure=False)
+                    pending[retry] = batch
+                    finished.add(retry)
+                    continue
+                _store(batch, outputs, cache, results, bar)
         finally:
             if pending:
                 client.cancel(list(pending))
@@ -160,7 +179,12 @@ def run_refits(
             core). Ignored when ``scheduler_address`` is given.
         scheduler_address: address of an existing Dask scheduler
             (e.g. ``"tcp://10.0.0.1:8786"``) to use instead of a local cluster;
-            its workers must be able to import ``refit_fn``'s module.
+            its workers must be able to import ``refit_fn``'s module. Start
+            the workers first: ``shared`` is sent to the workers connected
+            when the run starts (later ones copy it from them). A worker that
+            dies mid-run loses only its tasks in flight; the scheduler reruns
+            them on the others (a batch whose result was lost is resubmitted
+            up to 3 times).
         batch_size: indices per ``refit_fn`` call (and per task).
         progress: show a tqdm progress bar over indices.
 
