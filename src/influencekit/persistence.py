@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load_file, save_file
@@ -33,17 +34,45 @@ TENSORS_FILE = "tensors.safetensors"
 ARGUMENTS_FILE = "arguments.json"
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Call ``write(temporary_path)`` then move the temporary file onto ``target``."""
+def atomic_write(target: str | os.PathLike[str], content: bytes | str | Callable[[str], None]) -> Path:
+    """Write ``target`` so that a reader sees the old file or the new one, never a part; returns it.
+
+    The content (bytes, text as UTF-8, or ``write(temporary_path)`` for writers that want a path)
+    goes to a temporary file in the same directory, is flushed to disk, moved onto ``target``
+    with :func:`os.replace`, and the directory is synced, so the rename survives a crash too. The
+    file gets the usual permissions (0666 less the umask), not mkstemp's 0600. An interrupted write
+    leaves no temporary file behind.
+    """
+    target = Path(target)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        write(temporary)
+        if callable(content):
+            os.close(handle)
+            content(temporary)
+            with open(temporary, "rb+") as stream:
+                os.fsync(stream.fileno())
+        else:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(content.encode("utf-8") if isinstance(content, str) else content)
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, target)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        Path(temporary).unlink(missing_ok=True)
         raise
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return target
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def save_tensors(directory: str | os.PathLike[str], tensors: dict[str, Tensor], arguments: dict[str, Any]) -> Path:
@@ -64,13 +93,9 @@ def save_tensors(directory: str | os.PathLike[str], tensors: dict[str, Tensor], 
             raise TypeError(f"tensor {name!r} is a {type(value).__name__}, not a torch.Tensor")
     text = json.dumps(arguments, indent=2, sort_keys=True)  # fails before anything is written
 
-    def write_json(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as stream:
-            stream.write(text)
-
     cpu = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
-    _atomic_write(directory / TENSORS_FILE, lambda path: save_file(cpu, path))
-    _atomic_write(directory / ARGUMENTS_FILE, write_json)
+    atomic_write(directory / TENSORS_FILE, lambda path: save_file(cpu, path))
+    atomic_write(directory / ARGUMENTS_FILE, text)
     return directory
 
 

@@ -35,7 +35,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -48,6 +47,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from influencekit.persistence import atomic_write
 
 __all__ = [
     "DEFAULT_MIRROR",
@@ -443,9 +444,9 @@ def write_mnist_format(
     for name, array in arrays.items():
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
         content = header + np.ascontiguousarray(array).tobytes()
-        _write_atomic(directory / name, content)
+        atomic_write(directory / name, content)
         lines.append(f"{hashlib.md5(content).hexdigest()}  {name}\n")
-    _write_atomic(directory / CHECKSUM_MANIFEST, "".join(lines).encode())
+    atomic_write(directory / CHECKSUM_MANIFEST, "".join(lines).encode())
     return directory
 
 
@@ -489,19 +490,6 @@ def _verified_download(url: str, md5: str, timeout: float, progress: bool | None
     if digest != md5:
         raise DatasetCorruptError(f"MD5 of the uncompressed download is {digest}, expected {md5}")
     return payload
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def default_mirrors() -> tuple[str, ...]:
@@ -576,7 +564,7 @@ def download_mnist(
                 f"Check the network connection, set ${MIRRORS_ENV} to a working mirror, or copy the four "
                 f"MNIST files into {directory}."
             )
-        _write_atomic(packed, payload)
+        atomic_write(packed, payload)
         for corrupt in present:
             warnings.warn(
                 f"Replaced corrupt {corrupt} by a fresh download, {packed}.", stacklevel=2

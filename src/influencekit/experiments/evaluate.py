@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -53,6 +52,7 @@ import psutil
 import torch
 
 from influencekit.curvature import HessianOperator
+from influencekit.persistence import atomic_write
 from influencekit.evaluation import linear_datamodeling_score, leave_one_out_correlation, mislabel_detection, flip_labels, subset_masks, subset_outputs
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.objectives.softmax_batch import SoftmaxSubsetTrainer, fit_softmax_regression_subsets
@@ -431,8 +431,8 @@ def _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch
         "total_seconds": time.perf_counter() - start,
         "complete": final,
     }
-    _atomic_write(config.out / "results.json", json.dumps(document, indent=2))
-    _atomic_write(config.out / "results.md", markdown_table(document))
+    atomic_write(config.out / "results.json", json.dumps(document, indent=2))
+    atomic_write(config.out / "results.md", markdown_table(document))
     if final:
         _plot(config.out / "lds.png", document)
     return document
@@ -441,15 +441,11 @@ def _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch
 def _save_scores(path: Path, scores: np.ndarray) -> None:
     """The method's test scores (m, n), so metrics can be recomputed without rescoring."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(temporary, scores)
-    os.replace(temporary, path)
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as stream:  # a file object: np.save would append .npy to a path
+            np.save(stream, scores)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write(path, write)
 
 
 def _number(value: Any, digits: int = 3) -> str:

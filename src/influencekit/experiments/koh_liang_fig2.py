@@ -36,14 +36,16 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
+from torch import Tensor
 
 from influencekit.curvature import DenseOperator, HessianOperator
 from influencekit.curvature.spectrum import extreme_eigenvalues
 from influencekit.datasets.mnist import add_data_arguments
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
+from influencekit.persistence import atomic_write
 from influencekit.reports.experiments import write_koh_liang_fig2_report
 from influencekit.scores.influence import InfluenceFunction
-from influencekit.solvers import CGSolver, DirectSolver, LiSSASolver
+from influencekit.solvers import CGSolver, DirectSolver, LiSSASettings, LiSSASolver
 from influencekit.solvers.base import NotPositiveDefiniteError
 from influencekit.validation.leave_one_out import (
     MappedRefitProblem,
@@ -74,12 +76,7 @@ class Fig2Config:
     optimum_tol: float = 1e-10
     max_newton_steps: int = 100
     cg_rtol: float = 1e-10
-    lissa_scale: float = 25.0
-    lissa_depth: int = 5000
-    lissa_repeats: int = 10
-    lissa_batch_size: int = 1
-    lissa_damping: float = 0.0
-    seed: int = 0
+    lissa: LiSSASettings = field(default_factory=LiSSASettings.koh_liang)
     workers: int = 2
     scheduler: str | None = None
     refit_batch_size: int = 50
@@ -131,22 +128,53 @@ def reproduce(config: Fig2Config) -> dict:
     start = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)
     x, y, x_test, y_test = _load_data(config)
-    n = len(y)
     tests = (x_test[config.test_indices], y_test[config.test_indices])
-    _log(f"data: n_train = {n}, d = {x.shape[1]}, test indices {config.test_indices}")
+    _log(f"data: n_train = {len(y)}, d = {x.shape[1]}, test indices {config.test_indices}")
 
+    fit, objective, model_info = _fit_model(config, x, y, x_test, y_test)
+    exact, hessian_info, reasons = _factor_hessian(config, fit, objective)
+    predicted, solver_info = _influence_by_solver(config, objective, exact, tests)
+    reference = "exact" if "exact" in predicted else next(iter(predicted))
+    chosen_per_test = np.argsort(-np.abs(predicted[reference]), axis=1)[:, : config.num_points]
+    refits, retrain_info = _retrain(config, x, y, fit, exact, sorted({int(i) for i in chosen_per_test.reshape(-1)}))
+    per_test = _measured_changes(config, fit.weights, tests, chosen_per_test, refits, predicted)
+
+    results = _results_document(config, len(y), model_info, hessian_info, solver_info, retrain_info, predicted, per_test, reasons)
+    results["total_seconds"] = time.perf_counter() - start
+    atomic_write(config.out / "results.json", json.dumps(results, indent=2))
+    _write_points(config.out / "points.csv", per_test, y, list(predicted))
+    _plot(config.out / "figure.png", per_test, list(predicted), len(y))
+    write_koh_liang_fig2_report(config, results, per_test, predicted, (x, y), tests, fit.weights)
+    for name, values in results["solvers"].items():
+        _log(f"{name}: Pearson R = {values['pearson']:.4f}, Spearman rho = {values['spearman']:.4f} over {config.num_points} points")
+    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png, report.html")
+    return results
+
+
+def _fit_model(config: Fig2Config, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor):
+    """Step 2: softmax regression by Newton-CG (within the budget), its objective, and what the fit reached."""
     fit = fit_softmax_regression(x, y, config.weight_decay, num_classes=10, tol=config.optimum_tol,
                                  max_newton_steps=config.max_newton_steps, strict=False)
     objective = SoftmaxRegressionObjective(fit.weights, x, y, config.weight_decay)
     test_accuracy = float(((x_test @ fit.weights.T).argmax(1) == y_test).double().mean())
     _log(f"model: ||grad R|| = {fit.gradient_norm:.3g} after {fit.newton_steps} Newton steps "
          f"({fit.cg_iterations} CG iterations, {fit.seconds:.1f} s); test accuracy {test_accuracy:.4f}")
+    info = {"train_grad_norm": fit.gradient_norm, "test_accuracy": test_accuracy, "fit_seconds": fit.seconds,
+            "newton_steps": fit.newton_steps}
+    return fit, objective, info
 
+
+def _factor_hessian(config: Fig2Config, fit, objective: SoftmaxRegressionObjective) -> tuple[DirectSolver, dict, list[str]]:
+    """Step 3: the explicit Hessian, its Cholesky factor and extreme eigenvalues; refuses an untrustworthy model.
+
+    Returns the direct solver, the Hessian's summary and the reasons the results would not be
+    trustworthy (empty, or with ``--allow-untrustworthy`` the reasons it went on regardless).
+    """
     t = time.perf_counter()
     hessian = objective.hessian()
     hessian_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    reasons: list[str] = []  # why the results would not be trustworthy
+    reasons: list[str] = []
     if fit.gradient_norm > config.optimum_tol:
         reasons.append(f"not at the optimum: ||grad R|| = {fit.gradient_norm:.3g} > --optimum-tol {config.optimum_tol:g} "
                        f"after {fit.newton_steps} Newton steps (raise --max-newton-steps above {config.max_newton_steps})")
@@ -166,21 +194,18 @@ def reproduce(config: Fig2Config) -> dict:
          f"eigenvalues in [{min_eig:.4g}, {max_eig:.4g}]")
     for reason in reasons:
         _log(f"untrustworthy (--allow-untrustworthy): {reason}")
+    info = {"min_eig": min_eig, "max_eig": max_eig, "negative": 0, "seconds": hessian_seconds + factor_seconds}
+    return exact, info, reasons
 
+
+def _influence_by_solver(config: Fig2Config, objective: SoftmaxRegressionObjective, exact: DirectSolver,
+                         tests: tuple[Tensor, Tensor]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Step 4: the predicted removal effects -(1/n) I_up,loss (m_test, n) of each solver, and each solve's evidence."""
     curvature = HessianOperator(objective)
     solvers = {
         "exact": lambda: exact,
         "cg": lambda: CGSolver(curvature, rtol=config.cg_rtol, maxiter=2000),
-        "lissa": lambda: LiSSASolver(
-            curvature,
-            scale=config.lissa_scale,
-            damping=config.lissa_damping,
-            depth=config.lissa_depth,
-            repeats=config.lissa_repeats,
-            batch_size=config.lissa_batch_size,
-            seed=config.seed,
-            progress=config.progress,
-        ),
+        "lissa": lambda: LiSSASolver.from_settings(curvature, config.lissa, progress=config.progress),
     }
     predicted: dict[str, np.ndarray] = {}
     solver_info: dict[str, dict] = {}
@@ -188,7 +213,7 @@ def reproduce(config: Fig2Config) -> dict:
         t = time.perf_counter()
         scores = InfluenceFunction(objective, solvers[name](), allow_unconverged=config.allow_untrustworthy).scores(tests)
         seconds = time.perf_counter() - t
-        predicted[name] = scores.predicted_loss_change.numpy()  # (m_test, n)
+        predicted[name] = scores.predicted_loss_change.numpy()
         solve = scores.inverse_hvp
         relative = solve.relative_residuals(objective.measurement_gradients(tests))
         solver_info[name] = {
@@ -196,13 +221,13 @@ def reproduce(config: Fig2Config) -> dict:
             "relative_residual": [float(r) for r in relative] if relative is not None else None,
             "iterations": None if solve.iterations is None else [int(i) for i in solve.iterations],
         }
-        _log(f"{name}: scores of {n} training points in {seconds:.2f} s, relative residual "
+        _log(f"{name}: scores of {objective.n_train} training points in {seconds:.2f} s, relative residual "
              f"{max(solver_info[name]['relative_residual']):.2g}")
+    return predicted, solver_info
 
-    reference = "exact" if "exact" in predicted else next(iter(predicted))
-    chosen_per_test = np.argsort(-np.abs(predicted[reference]), axis=1)[:, : config.num_points]
-    removed = sorted({int(i) for i in chosen_per_test.reshape(-1)})
 
+def _retrain(config: Fig2Config, x: Tensor, y: Tensor, fit, exact: DirectSolver, removed: list[int]) -> tuple[dict, dict]:
+    """Step 5: the exact leave-one-out refit without each point of ``removed``, from the crash-safe cache or on Dask."""
     t = time.perf_counter()
     problem = SoftmaxRefitProblem(x, y, config.weight_decay, fit.weights, exact.factor, tol=config.optimum_tol)
     fingerprint = fingerprint_of(x, y, fit.weights, weight_decay=config.weight_decay, tol=config.optimum_tol, model="softmax-regression")
@@ -218,16 +243,24 @@ def reproduce(config: Fig2Config) -> dict:
             _refit_batch, removed, cache, shared=shared, workers=config.workers,
             scheduler_address=config.scheduler, batch_size=config.refit_batch_size, progress=config.progress is not False,
         )
-    retrain_seconds = time.perf_counter() - t
+    seconds = time.perf_counter() - t
     max_refit_grad = max(float(refits[i]["gradient_norm"]) for i in removed)
-    _log(f"retraining: {len(removed)} leave-one-out refits in {retrain_seconds:.1f} s, max ||grad|| {max_refit_grad:.3g}")
+    _log(f"retraining: {len(removed)} leave-one-out refits in {seconds:.1f} s, max ||grad|| {max_refit_grad:.3g}")
+    info = {"max_grad_norm": max_refit_grad, "seconds": seconds, "refits": len(removed), "from_cache": from_cache,
+            "workers": config.workers, "scheduler": config.scheduler, "cache": str(cache.path)}
+    return refits, info
 
-    base_losses = softmax_test_losses(fit.weights, *tests).numpy()
+
+def _measured_changes(config: Fig2Config, weights: Tensor, tests: tuple[Tensor, Tensor], chosen_per_test: np.ndarray,
+                      refits: dict, predicted: dict[str, np.ndarray]) -> list[dict]:
+    """Step 6: per test point, the actual change L(z_test, theta_-i) - L(z_test, theta) of its chosen points."""
+    base_losses = softmax_test_losses(weights, *tests).numpy()
     per_test = []
     for t_pos, test_index in enumerate(config.test_indices):
         chosen = chosen_per_test[t_pos]
         refit_weights = torch.stack([as_weights(refits[int(i)]) for i in chosen])
-        actual = softmax_test_losses(refit_weights, tests[0][t_pos : t_pos + 1], tests[1][t_pos : t_pos + 1])[:, 0].numpy() - base_losses[t_pos]
+        test = (tests[0][t_pos : t_pos + 1], tests[1][t_pos : t_pos + 1])
+        actual = softmax_test_losses(refit_weights, *test)[:, 0].numpy() - base_losses[t_pos]
         per_test.append({
             "test_index": test_index,
             "test_label": int(tests[1][t_pos]),
@@ -236,43 +269,36 @@ def reproduce(config: Fig2Config) -> dict:
             "actual": actual,
             "predicted": {name: values[t_pos, chosen] for name, values in predicted.items()},
         })
+    return per_test
 
+
+def _results_document(config: Fig2Config, n: int, model_info: dict, hessian_info: dict, solver_info: dict,
+                      retrain_info: dict, predicted: dict[str, np.ndarray], per_test: list[dict], reasons: list[str]) -> dict:
+    """``results.json``: correlations of every solver with retraining (first test point), and the evidence."""
     primary = per_test[0]
-    results = {
+    return {
         "test_index": primary["test_index"],
         "n_train": n,
         "num_points": config.num_points,
-        "model": {"train_grad_norm": fit.gradient_norm, "test_accuracy": test_accuracy, "fit_seconds": fit.seconds,
-                  "newton_steps": fit.newton_steps},
-        "hessian": {"min_eig": min_eig, "max_eig": max_eig, "negative": 0, "seconds": hessian_seconds + factor_seconds},
+        "model": model_info,
+        "hessian": hessian_info,
         "solvers": {
             name: {**_correlations(primary["predicted"][name], primary["actual"]), **solver_info[name],
                    "correlation_with_exact": (_correlations(predicted[name][0], predicted["exact"][0])["pearson"]
                                               if "exact" in predicted else None)}
             for name in predicted
         },
-        "retrain": {"max_grad_norm": max_refit_grad, "seconds": retrain_seconds, "refits": len(removed),
-                    "from_cache": from_cache, "workers": config.workers, "scheduler": config.scheduler,
-                    "cache": str(cache.path)},
+        "retrain": retrain_info,
         "tests": [
             {"test_index": e["test_index"], "test_label": e["test_label"], "test_loss": e["test_loss"],
              "solvers": {name: _correlations(e["predicted"][name], e["actual"]) for name in predicted}}
             for e in per_test
         ],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": json.loads(json.dumps(asdict(config), default=str)),
         "sign_convention": "predicted = -(1/n) I_up,loss = (1/n) g_test^T H^-1 g_i; actual = L(z_test, theta_-i) - L(z_test, theta)",
         "trustworthy": not reasons,
         "untrustworthy_reasons": reasons,
     }
-    results["total_seconds"] = time.perf_counter() - start
-    (config.out / "results.json").write_text(json.dumps(results, indent=2))
-    _write_points(config.out / "points.csv", per_test, y, list(predicted))
-    _plot(config.out / "figure.png", per_test, list(predicted), n)
-    write_koh_liang_fig2_report(config, results, per_test, predicted, (x, y), tests, fit.weights)
-    for name, values in results["solvers"].items():
-        _log(f"{name}: Pearson R = {values['pearson']:.4f}, Spearman rho = {values['spearman']:.4f} over {config.num_points} points")
-    _log(f"total {results['total_seconds']:.1f} s; wrote {config.out / 'results.json'}, points.csv, figure.png, report.html")
-    return results
 
 
 @contextlib.contextmanager
@@ -360,12 +386,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-newton-steps", type=int, default=d.max_newton_steps,
                         help="Newton-CG budget of the full-data fit (default 100; 0: evaluate at W = 0); a fit that stops "
                              "short of --optimum-tol is refused unless --allow-untrustworthy")
-    parser.add_argument("--seed", type=int, default=d.seed, help="LiSSA seed")
-    parser.add_argument("--lissa-scale", type=float, default=d.lissa_scale)
-    parser.add_argument("--lissa-depth", type=int, default=d.lissa_depth)
-    parser.add_argument("--lissa-repeats", type=int, default=d.lissa_repeats)
-    parser.add_argument("--lissa-batch-size", type=int, default=d.lissa_batch_size)
-    parser.add_argument("--lissa-damping", type=float, default=d.lissa_damping, help="added to H (Koh & Liang's d corresponds to d * scale)")
+    LiSSASettings.add_arguments(parser, d.lissa)
     parser.add_argument("--cache-dir", type=Path, default=None, help="refit cache (default OUT/refits); reruns resume from it")
     parser.add_argument("--allow-untrustworthy", action="store_true",
                         help="go on with a model that is not at its optimum (results.json: trustworthy false, untrustworthy_reasons); "
@@ -377,9 +398,8 @@ def _config_from_args(args: argparse.Namespace) -> Fig2Config:
     return Fig2Config(
         out=args.out, data_dir=args.data_dir, download=not args.no_download, test_indices=[int(s) for s in str(args.test_index).split(",")],
         num_points=args.num_points, solvers=[s.strip() for s in args.solvers.split(",") if s.strip()],
-        train_size=args.train_size, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
+        train_size=args.train_size, workers=args.workers, scheduler=args.scheduler,
         weight_decay=args.weight_decay, optimum_tol=args.optimum_tol, max_newton_steps=args.max_newton_steps,
-        lissa_scale=args.lissa_scale, lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats,
-        lissa_batch_size=args.lissa_batch_size, lissa_damping=args.lissa_damping, cache_dir=args.cache_dir,
+        lissa=LiSSASettings.from_args(args), cache_dir=args.cache_dir,
         allow_untrustworthy=args.allow_untrustworthy, progress=False if args.no_progress else None,
     )

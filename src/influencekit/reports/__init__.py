@@ -1,35 +1,11 @@
-"""Reports a person can read: one self-contained HTML file per run (:mod:`influencekit.reports.html`)."""
+"""The last stage of the data flow, reports a person can read: one self-contained HTML file per run.
 
-from influencekit.reports.html import (
-    SIGN_CONVENTION,
-    Example,
-    ExampleGroup,
-    Report,
-    Scatter,
-    SolverEvidence,
-    draw_example,
-    example_png,
-    influence_example,
-    influence_groups,
-    removal_sentence,
-    render_html,
-    report_from_scores,
-    write_report,
-)
+* :mod:`~influencekit.reports.html` -- the renderer, and :func:`report_from_scores` for any
+  :class:`~influencekit.scores.InfluenceScores` (your own model and data).
+* :mod:`~influencekit.reports.experiments` -- the reports of the built-in commands.
+"""
 
-__all__ = [
-    "SIGN_CONVENTION",
-    "Example",
-    "ExampleGroup",
-    "Report",
-    "Scatter",
-    "SolverEvidence",
-    "draw_example",
-    "example_png",
-    "influence_example",
-    "influence_groups",
-    "removal_sentence",
-    "render_html",
-    "report_from_scores",
-    "write_report",
-]
+from influencekit.reports import html
+from influencekit.reports.html import *  # noqa: F403
+
+__all__ = list(html.__all__)

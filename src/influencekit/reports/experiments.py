@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import importlib
 import shlex
 from collections.abc import Mapping
@@ -94,7 +95,8 @@ def write_koh_liang_fig2_report(
         "||grad R|| at the fit": results["model"]["train_grad_norm"],
         "max ||grad|| of the leave-one-out refits": results["retrain"]["max_grad_norm"],
     }
-    cli = {**vars(config), "test_index": ",".join(map(str, config.test_indices)), "no_progress": config.progress is False}
+    cli = {**vars(config), **{f"lissa_{key}": value for key, value in asdict(config.lissa).items()},
+           "test_index": ",".join(map(str, config.test_indices)), "no_progress": config.progress is False}
     report = Report(
         title=f"Koh & Liang Figure 2: MNIST test #{primary['test_index']}",
         test=test,
@@ -106,7 +108,7 @@ def write_koh_liang_fig2_report(
                         f"training points of largest |I_up,loss|, each retrained to the exact optimum.",
         solvers=solvers,
         spectrum=spectrum,
-        warnings=list(results["warnings"]),
+        warnings=list(results["untrustworthy_reasons"]),
         trustworthy=results["trustworthy"],
         settings=_jsonable(results["config"]),
         command=command_line("reproduce", "koh-liang-fig2", cli),

@@ -30,7 +30,6 @@ import html
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from influencekit.scores.influence import InfluenceScores
-from influencekit.persistence import _atomic_write
+from influencekit.persistence import atomic_write
 
 __all__ = [
     "SIGN_CONVENTION",
@@ -584,21 +583,9 @@ def render_html(report: Report, *, image_size: int = 112) -> str:
             f"<body><main>\n{body}\n</main></body></html>\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_report(report: Report, path: str | Path, *, image_size: int = 112) -> Path:
     """Render ``report`` and write it to ``path`` atomically (a directory gets ``report.html``); returns the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "report.html"
-    text = render_html(report, image_size=image_size)
-    def write(temporary: str) -> None:
-        Path(temporary).write_text(text, encoding="utf-8")
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; a report is for reading
-
-    _atomic_write(path, write)
-    return path
+    return atomic_write(path, render_html(report, image_size=image_size))

@@ -18,6 +18,7 @@ is raised, naming a safe scale, instead of returning inf or NaN.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -105,12 +106,34 @@ class LiSSASettings:
         """Koh & Liang's Figure 2 (middle panel): scale 25, depth 5,000, 10 repeats, batch 1, damping 0."""
         return cls(scale=25.0, damping=0.0, depth=5000, repeats=10, batch_size=1, seed=0)
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, defaults: LiSSASettings | None = None) -> None:
+        """The settings as command-line options ``--lissa-scale`` ... ``--lissa-seed`` (defaults: ``defaults``)."""
+        d = defaults or LiSSASettings()
+        parser.add_argument("--lissa-scale", type=_scale, default=d.scale, help=f"divides H (a number or auto; default {d.scale})")
+        parser.add_argument("--lissa-damping", type=float, default=d.damping,
+                            help=f"added to H; Koh & Liang's d corresponds to d * scale (default {d.damping:g})")
+        parser.add_argument("--lissa-depth", type=int, default=d.depth, help=f"recursion depth J (default {d.depth})")
+        parser.add_argument("--lissa-repeats", type=int, default=d.repeats, help=f"repeats T, averaged (default {d.repeats})")
+        parser.add_argument("--lissa-batch-size", type=int, default=d.batch_size, help=f"mini-batch B (default {d.batch_size})")
+        parser.add_argument("--lissa-seed", type=int, default=d.seed, help=f"seed of the mini-batches (default {d.seed})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LiSSASettings:
+        """The settings given by the options of :meth:`add_arguments`."""
+        return cls(args.lissa_scale, args.lissa_damping, args.lissa_depth, args.lissa_repeats, args.lissa_batch_size,
+                   args.lissa_seed)
+
     def resolved(self, curvature: HessianOperator) -> LiSSASettings:
         """These settings with ``scale="auto"`` replaced by its estimate for ``curvature``."""
         if self.scale != "auto":
             return replace(self, scale=float(self.scale))
         estimate = estimate_max_batch_eigenvalue(curvature, self.batch_size, self.damping, seed=self.seed)
         return replace(self, scale=1.1 * estimate)
+
+
+def _scale(text: str) -> float | Literal["auto"]:
+    return "auto" if text == "auto" else float(text)
 
 
 class LiSSASolver(Solver):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -64,79 +65,77 @@ def _unique_indices(indices: Iterable[int]) -> list[int]:
     return list(order)
 
 
-def _store(
-    batch: list[int],
-    outputs: Sequence[Mapping[str, Any]],
-    cache: RefitCache,
-    results: dict[int, dict[str, Any]],
-    bar: tqdm,
-) -> None:
-    if len(outputs) != len(batch):
-        raise ValueError(
-            f"refit_fn returned {len(outputs)} results for a batch of {len(batch)} indices "
-            f"({batch[:5]}{'...' if len(batch) > 5 else ''}); it must return one per index."
-        )
-    for index, output in zip(batch, outputs):
-        if not isinstance(output, Mapping):
-            raise TypeError(
-                f"refit_fn returned a {type(output).__name__} for index {index}; "
-                f"each result must be a mapping of names to arrays or JSON values."
+@dataclass
+class _RefitRun:
+    """One call of :func:`run_refits`: what every batch needs, and where its results go."""
+
+    refit_fn: RefitFn
+    shared: Any
+    cache: RefitCache
+    results: dict[int, dict[str, Any]]
+    bar: tqdm
+
+    def store(self, batch: list[int], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Check one batch's results and save each in the cache as soon as the batch is back."""
+        if len(outputs) != len(batch):
+            raise ValueError(
+                f"refit_fn returned {len(outputs)} results for a batch of {len(batch)} indices "
+                f"({batch[:5]}{'...' if len(batch) > 5 else ''}); it must return one per index."
             )
-    for index, output in zip(batch, outputs):
-        results[index] = cache.put(index, output)
-    bar.update(len(batch))
+        for index, output in zip(batch, outputs):
+            if not isinstance(output, Mapping):
+                raise TypeError(
+                    f"refit_fn returned a {type(output).__name__} for index {index}; "
+                    f"each result must be a mapping of names to arrays or JSON values."
+                )
+        for index, output in zip(batch, outputs):
+            self.results[index] = self.cache.put(index, output)
+        self.bar.update(len(batch))
+
+    def in_process(self, batches: list[list[int]]) -> None:
+        for batch in batches:
+            self.store(batch, self.refit_fn(self.shared, batch))
+
+    def on_dask(self, batches: list[list[int]], workers: int, scheduler_address: str | None) -> None:
+        with dask_client(workers, scheduler_address) as client:
+            # One copy of the function and the shared data per worker, not per task.
+            [payload] = client.scatter([(self.refit_fn, self.shared)], broadcast=True, hash=False)
+            pending = {client.submit(_call_refit, payload, batch, pure=False): batch for batch in batches}
+            resubmitted: dict[int, int] = {}  # first index of a batch -> times resubmitted
+            try:
+                finished = as_completed(list(pending))
+                for future in finished:
+                    batch = pending.pop(future)
+                    try:
+                        outputs = future.result()
+                    except FutureCancelledError as error:
+                        # A dead worker's tasks are rerun by the scheduler; this covers a result
+                        # lost with it that the scheduler then gave up on.
+                        if resubmitted.get(batch[0], 0) >= _RESUBMISSIONS:
+                            raise
+                        resubmitted[batch[0]] = resubmitted.get(batch[0], 0) + 1
+                        logger.warning("Resubmitting refits %s: %s", batch[:5], error)
+                        retry = client.submit(_call_refit, payload, batch, pure=False)
+                        pending[retry] = batch
+                        finished.add(retry)
+                        continue
+                    self.store(batch, outputs)
+            finally:
+                if pending:
+                    client.cancel(list(pending))
 
 
-def _run_in_process(
-    refit_fn: RefitFn,
-    shared: Any,
-    batches: list[list[int]],
-    cache: RefitCache,
-    results: dict[int, dict[str, Any]],
-    bar: tqdm,
-) -> None:
-    for batch in batches:
-        _store(batch, refit_fn(shared, batch), cache, results, bar)
-
-
-def _run_on_dask(
-    refit_fn: RefitFn,
-    shared: Any,
-    batches: list[list[int]],
-    cache: RefitCache,
-    results: dict[int, dict[str, Any]],
-    bar: tqdm,
-    workers: int,
-    scheduler_address: str | None,
-) -> None:
-    with dask_client(workers, scheduler_address) as client:
-        # One copy of the function and the shared data per worker, not per task.
-        [payload] = client.scatter([(refit_fn, shared)], broadcast=True, hash=False)
-        pending = {
-            client.submit(_call_refit, payload, batch, pure=False): batch for batch in batches
-        }
-        resubmitted: dict[int, int] = {}  # first index of a batch -> times resubmitted
-        try:
-            finished = as_completed(list(pending))
-            for future in finished:
-                batch = pending.pop(future)
-                try:
-                    outputs = future.result()
-                except FutureCancelledError as error:
-                    # A dead worker's tasks are rerun by the scheduler; this covers a result
-                    # lost with it that the scheduler then gave up on.
-                    if resubmitted.get(batch[0], 0) >= _RESUBMISSIONS:
-                        raise
-                    resubmitted[batch[0]] = resubmitted.get(batch[0], 0) + 1
-                    logger.warning("Resubmitting refits %s: %s", batch[:5], error)
-                    retry = client.submit(_call_refit, payload, batch, pure=False)
-                    pending[retry] = batch
-                    finished.add(retry)
-                    continue
-                _store(batch, outputs, cache, results, bar)
-        finally:
-            if pending:
-                client.cancel(list(pending))
+def _saved_and_missing(order: list[int], cache: RefitCache) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The results already in ``cache`` by index, and the indices still to refit, in order."""
+    results: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for index in order:
+        stored = cache.get(index)
+        if stored is None:
+            todo.append(index)
+        else:
+            results[index] = stored
+    return results, todo
 
 
 def run_refits(
@@ -207,26 +206,18 @@ def run_refits(
         raise ValueError("workers=0 runs in-process and cannot use scheduler_address.")
     order = _unique_indices(indices)
 
-    results: dict[int, dict[str, Any]] = {}
-    todo: list[int] = []
-    for index in order:
-        stored = cache.get(index)
-        if stored is None:
-            todo.append(index)
-        else:
-            results[index] = stored
+    results, todo = _saved_and_missing(order, cache)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
 
     with tqdm(
         total=len(order), initial=len(results), unit="refit", desc="refits", disable=not progress
     ) as bar:
+        run = _RefitRun(refit_fn, shared, cache, results, bar)
         try:
             if batches and workers == 0:
-                _run_in_process(refit_fn, shared, batches, cache, results, bar)
+                run.in_process(batches)
             elif batches:
-                _run_on_dask(
-                    refit_fn, shared, batches, cache, results, bar, workers, scheduler_address
-                )
+                run.on_dask(batches, workers, scheduler_address)
         except KeyboardInterrupt:
             logger.warning(
                 "Interrupted: %d of %d refits are saved in %s; run again to resume.",

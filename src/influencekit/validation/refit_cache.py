@@ -20,7 +20,6 @@ import json
 import operator
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+
+from influencekit.persistence import atomic_write
 
 __all__ = ["RefitCache", "fingerprint_of"]
 
@@ -205,25 +206,8 @@ class RefitCache:
         meta["sha256"] = _checksum(meta, tensors)
         metadata = {_METADATA_KEY: _to_json(meta, "metadata")}
         payload = safetensors.torch.save(tensors, metadata=metadata)
-        self._write_atomic(path, payload)
+        atomic_write(path, payload)
         return self._assemble(meta, tensors)
-
-    def _write_atomic(self, path: Path, payload: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
 
     def get(self, index: int) -> dict[str, Any] | None:
         """Return the stored result for ``index``, or ``None`` if there is none.
