@@ -55,6 +55,7 @@ from influencekit.curvature.hessian import HessianOperator
 from influencekit.data import Batch
 from influencekit.datasets.mnist import add_data_arguments, koh_liang_split, load_or_download_mnist
 from influencekit.objectives.torch_objective import TorchObjective
+from influencekit.persistence import atomic_write
 from influencekit.reports.experiments import write_tracin_mnist_report
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.search import recall_at_k
@@ -247,69 +248,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, score with TracIn and the influence function, write results.json and figure.png."""
+    """Train, score with TracIn and the influence function, write results.json, figure.png and report.html."""
     progress = False if args.no_progress else None
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    split = koh_liang_split(load_or_download_mnist(args.data_dir, torch.float64, download=not args.no_download, progress=progress))
-    n_split = split.x_train.shape[0]
-    if not 1 <= args.train_size <= n_split:
-        raise ValueError(f"--train-size must lie in [1, {n_split}], got {args.train_size}")
-    if not 0 <= args.test_index < split.x_test.shape[0]:
-        raise ValueError(f"--test-index must lie in [0, {split.x_test.shape[0]}), got {args.test_index}")
-    if not 1 <= args.k <= args.train_size:
-        raise ValueError(f"--k must lie in [1, --train-size], got {args.k}")
-    generator = torch.Generator().manual_seed(args.seed)
-    subset = torch.randperm(n_split, generator=generator)[: args.train_size].sort().values
-    x, y = split.x_train[subset], split.y_train[subset]
-    test_batch = (split.x_test[args.test_index : args.test_index + 1], split.y_test[args.test_index : args.test_index + 1])
+    x, y, subset, test_batch, x_test, y_test = _load_subset(args, progress)
     timings: dict[str, float] = {}
-
-    torch.manual_seed(args.seed)
-    model = MLP(args.hidden).double()
-    start = time.perf_counter()
-    checkpoints = train_sgd(
-        model, x, y, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        weight_decay=args.weight_decay, seed=args.seed, checkpoint_dir=out / "checkpoints", progress=progress,
-    )  # fmt: skip
-    timings["training"] = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        train_accuracy = float((model(x).argmax(1) == y).double().mean())
-        test_accuracy = float((model(split.x_test).argmax(1) == split.y_test).double().mean())
-        test_logits = model(test_batch[0])[0]
-    test_probs = torch.softmax(test_logits, 0)
-    test_label = int(test_batch[1][0])
-
-    # TracIn (positive = proponent).
-    helpfulness: dict[str, Tensor] = {}
-    start = time.perf_counter()
-    helpfulness["tracin_last_layer"] = tracin_scores(
-        lambda paths, rates: LastLayerTracIn(model, paths, rates, cross_entropy_losses, layer="fc2", chunk_size=1024),
-        checkpoints, test_batch, (x, y), "TracIn (fc2)", progress,
-    )[0]  # fmt: skip
-    timings["tracin_last_layer"] = time.perf_counter() - start
-    if not args.skip_full_tracin:
-        start = time.perf_counter()
-        helpfulness["tracin_full"] = tracin_scores(
-            lambda paths, rates: TracInCP(model, paths, rates, cross_entropy_losses, chunk_size=256),
-            checkpoints, test_batch, (x, y), "TracIn (all params)", progress,
-        )[0]  # fmt: skip
-        timings["tracin_full"] = time.perf_counter() - start
-
-    # Influence function at the final parameters; -I_up,loss is positive for helpful points.
-    objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=args.weight_decay)
-    curvature = GaussNewtonOperator(objective) if args.curvature == "ggn" else HessianOperator(objective)
-    start = time.perf_counter()
-    with tqdm(desc=f"CG on {args.curvature}", unit="product", disable=None if progress is None else not progress) as bar:
-        solver = CGSolver(_ProgressOperator(curvature, bar), damping=args.damping, rtol=args.cg_rtol, maxiter=args.cg_maxiter)
-        # the result records cg_converged / cg_negative_curvature, so an unconverged solve only warns
-        scores = InfluenceFunction(objective, solver, allow_unconverged=True).scores(test_batch)
-    timings["influence_total"] = time.perf_counter() - start
-    timings["influence_solve"] = scores.inverse_hvp.seconds
-    helpfulness["influence"] = -scores.influence_on_loss[0]
-    solve = scores.inverse_hvp
-    relative_residual = solve.relative_residuals(objective.measurement_gradients(test_batch))
+    model, checkpoints, model_info = _train(args, x, y, x_test, y_test, test_batch, timings, progress)
+    helpfulness = _tracin_helpfulness(args, model, checkpoints, test_batch, (x, y), timings, progress)
+    helpfulness["influence"], influence_info, test_loss = _influence_helpfulness(args, model, x, y, test_batch, timings, progress)
 
     names = list(helpfulness)
     tops = {name: _top(helpfulness[name], args.k) for name in names}
@@ -317,23 +264,9 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "config": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items() if key != "module"},
         "sign_convention": "scores are helpfulness: TracIn score and -I_up,loss; positive = proponent (helpful)",
-        "accuracy": {"train": train_accuracy, "test": test_accuracy},
-        "test_point": {
-            "index": args.test_index,
-            "label": test_label,
-            "predicted": int(test_logits.argmax()),
-            "probability_of_label": float(test_probs[test_label]),
-            "loss": float(scores.test_measurements[0]),
-        },
-        "influence": {
-            "curvature": args.curvature,
-            "damping": args.damping,
-            "weight_decay": args.weight_decay,
-            "cg_iterations": int(solve.iterations[0]),
-            "cg_relative_residual": float(relative_residual[0]) if relative_residual is not None else None,
-            "cg_converged": bool(solve.info["converged"][0]),
-            "cg_negative_curvature": bool(solve.info["negative_curvature"][0]),
-        },
+        "accuracy": model_info["accuracy"],
+        "test_point": {**model_info["test_point"], "index": args.test_index, "loss": test_loss},
+        "influence": influence_info,
         "correlation": {f"{a}_vs_{b}": _correlation(helpfulness[a], helpfulness[b]) for a, b in pairs},
         "top_k_overlap": {
             f"{a}_vs_{b}": {
@@ -355,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "train_indices": subset.tolist(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "results.json", json.dumps(results, indent=2))
 
     titles = {"tracin_last_layer": "TracIn fc2", "tracin_full": "TracIn all", "influence": "IF (-I_up,loss)"}
     rows = [
@@ -363,9 +296,10 @@ def run(args: argparse.Namespace) -> int:
         for name in names
         for i, kind in enumerate(("proponents", "opponents"))
     ]
+    point = results["test_point"]
     test_title = (
-        f"test #{args.test_index}\nlabel {test_label}, predicted {int(test_logits.argmax())}\n"
-        f"p(label) = {float(test_probs[test_label]):.3f}"
+        f"test #{args.test_index}\nlabel {point['label']}, predicted {point['predicted']}\n"
+        f"p(label) = {point['probability_of_label']:.3f}"
     )
     _figure(out / "figure.png", test_batch[0][0], test_title, rows, x, y, subset)
     write_tracin_mnist_report(args, results, helpfulness, (x, y), subset, test_batch[0][0])
@@ -373,3 +307,88 @@ def run(args: argparse.Namespace) -> int:
         print(f"{pair}: Pearson {values['pearson']:.3f}, Spearman {values['spearman']:.3f}")
     print(f"wrote {out / 'results.json'}, {out / 'figure.png'} and {out / 'report.html'}")
     return 0
+
+
+def _load_subset(args: argparse.Namespace, progress: bool | None):
+    """The seeded training subset of Koh & Liang's split (x, y, its MNIST positions) and the test point."""
+    split = koh_liang_split(load_or_download_mnist(args.data_dir, torch.float64, download=not args.no_download, progress=progress))
+    n_split = split.x_train.shape[0]
+    if not 1 <= args.train_size <= n_split:
+        raise ValueError(f"--train-size must lie in [1, {n_split}], got {args.train_size}")
+    if not 0 <= args.test_index < split.x_test.shape[0]:
+        raise ValueError(f"--test-index must lie in [0, {split.x_test.shape[0]}), got {args.test_index}")
+    if not 1 <= args.k <= args.train_size:
+        raise ValueError(f"--k must lie in [1, --train-size], got {args.k}")
+    generator = torch.Generator().manual_seed(args.seed)
+    subset = torch.randperm(n_split, generator=generator)[: args.train_size].sort().values
+    test_batch = (split.x_test[args.test_index : args.test_index + 1], split.y_test[args.test_index : args.test_index + 1])
+    return split.x_train[subset], split.y_train[subset], subset, test_batch, split.x_test, split.y_test
+
+
+def _train(args, x, y, x_test, y_test, test_batch, timings: dict[str, float], progress: bool | None):
+    """SGD with a checkpoint per epoch; the model in eval mode, its checkpoints, accuracies and the test prediction."""
+    torch.manual_seed(args.seed)
+    model = MLP(args.hidden).double()
+    start = time.perf_counter()
+    checkpoints = train_sgd(
+        model, x, y, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        weight_decay=args.weight_decay, seed=args.seed, checkpoint_dir=args.out / "checkpoints", progress=progress,
+    )  # fmt: skip
+    timings["training"] = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        train_accuracy = float((model(x).argmax(1) == y).double().mean())
+        test_accuracy = float((model(x_test).argmax(1) == y_test).double().mean())
+        test_logits = model(test_batch[0])[0]
+    label = int(test_batch[1][0])
+    info = {
+        "accuracy": {"train": train_accuracy, "test": test_accuracy},
+        "test_point": {"label": label, "predicted": int(test_logits.argmax()),
+                       "probability_of_label": float(torch.softmax(test_logits, 0)[label])},
+    }
+    return model, checkpoints, info
+
+
+def _tracin_helpfulness(args, model, checkpoints, test_batch, train, timings: dict[str, float],
+                        progress: bool | None) -> dict[str, Tensor]:
+    """TracIn scores of every training point (positive = proponent): last layer, and all parameters unless skipped."""
+    helpfulness: dict[str, Tensor] = {}
+    start = time.perf_counter()
+    helpfulness["tracin_last_layer"] = tracin_scores(
+        lambda paths, rates: LastLayerTracIn(model, paths, rates, cross_entropy_losses, layer="fc2", chunk_size=1024),
+        checkpoints, test_batch, train, "TracIn (fc2)", progress,
+    )[0]  # fmt: skip
+    timings["tracin_last_layer"] = time.perf_counter() - start
+    if not args.skip_full_tracin:
+        start = time.perf_counter()
+        helpfulness["tracin_full"] = tracin_scores(
+            lambda paths, rates: TracInCP(model, paths, rates, cross_entropy_losses, chunk_size=256),
+            checkpoints, test_batch, train, "TracIn (all params)", progress,
+        )[0]  # fmt: skip
+        timings["tracin_full"] = time.perf_counter() - start
+    return helpfulness
+
+
+def _influence_helpfulness(args, model, x, y, test_batch, timings: dict[str, float], progress: bool | None):
+    """-I_up,loss at the final parameters (positive for helpful points), the CG solve's evidence and the test loss."""
+    objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=args.weight_decay)
+    curvature = GaussNewtonOperator(objective) if args.curvature == "ggn" else HessianOperator(objective)
+    start = time.perf_counter()
+    with tqdm(desc=f"CG on {args.curvature}", unit="product", disable=None if progress is None else not progress) as bar:
+        solver = CGSolver(_ProgressOperator(curvature, bar), damping=args.damping, rtol=args.cg_rtol, maxiter=args.cg_maxiter)
+        # the result records cg_converged / cg_negative_curvature, so an unconverged solve only warns
+        scores = InfluenceFunction(objective, solver, allow_unconverged=True).scores(test_batch)
+    timings["influence_total"] = time.perf_counter() - start
+    timings["influence_solve"] = scores.inverse_hvp.seconds
+    solve = scores.inverse_hvp
+    relative_residual = solve.relative_residuals(objective.measurement_gradients(test_batch))
+    info = {
+        "curvature": args.curvature,
+        "damping": args.damping,
+        "weight_decay": args.weight_decay,
+        "cg_iterations": int(solve.iterations[0]),
+        "cg_relative_residual": float(relative_residual[0]) if relative_residual is not None else None,
+        "cg_converged": bool(solve.info["converged"][0]),
+        "cg_negative_curvature": bool(solve.info["negative_curvature"][0]),
+    }
+    return -scores.influence_on_loss[0], info, float(scores.test_measurements[0])
