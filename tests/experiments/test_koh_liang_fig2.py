@@ -124,7 +124,7 @@ def test_allow_untrustworthy_completes_and_marks_the_results(tmp_path, synthetic
 
 
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")] if p)}
+    p for p in [str(Path(__file__).resolve().parents[2] / "src"), os.environ.get("PYTHONPATH")] if p)}
 
 # Runs the CLI, SIGKILLing its own process right after the LIMIT-th refit is committed to the
 # cache (RefitCache.put returned: file fsynced, renamed, directory fsynced): a kill -9 at a

@@ -86,7 +86,7 @@ def test_shapes_dtypes_and_pixel_range(mnist: MNIST) -> None:
     assert mnist.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 
 
-def test_koh_liang_split(mnist: MNIST, real_mnist_dir: Path) -> None:
+def test_koh_liang_split_has_their_sizes_and_order(mnist: MNIST, real_mnist_dir: Path) -> None:
     x_train, y_train, x_test, y_test = koh_liang_split(mnist)
     x_val, y_val = koh_liang_validation(mnist)
     assert x_train.shape == (55000, 784) and y_train.shape == (55000,)
@@ -151,7 +151,7 @@ def test_gzipped_and_uncompressed_files_load_identically(
         assert torch.equal(getattr(packed, field), getattr(synthetic, field)), field
 
 
-def test_float32(synthetic_mnist_dir: Path) -> None:
+def test_float32_images_are_pixels_over_255(synthetic_mnist_dir: Path) -> None:
     m = load_mnist(synthetic_mnist_dir, dtype=torch.float32)
     assert m.train_images.dtype == torch.float32
     raw = np.frombuffer(_raw(synthetic_mnist_dir, "train-images-idx3-ubyte"), np.uint8, offset=16)[:784]
@@ -244,7 +244,7 @@ def test_truncated_gzip_and_bad_idx_detected(tmp_path: Path, synthetic_mnist_dir
         load_mnist(tmp_path, verify=False)
 
 
-def test_parse_idx() -> None:
+def test_parse_idx_reads_big_endian_payloads_and_refuses_bad_headers() -> None:
     header = bytes([0, 0, 0x0B, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
     values = np.array([[1, -2, 300], [-32768, 0, 32767]], dtype=">i2")
     parsed = parse_idx(header + values.tobytes())

@@ -89,7 +89,7 @@ def test_write_and_stream_embeddings(tracin, data, tmp_path, suffix, projected):
     assert open_embeddings(path).shape == (5, shape[1])
 
 
-def test_storage_errors(tracin, data, tmp_path):
+def test_unknown_format_and_missing_embeddings_are_refused(tracin, data, tmp_path):
     with pytest.raises(ValueError, match=".zarr or .npy"):
         write_influence_embeddings(tracin, data[1], tmp_path / "emb.h5")
     with pytest.raises(FileNotFoundError):
@@ -157,7 +157,7 @@ def test_from_chunks_equals_from_array(random_vectors, kind):
     assert float(recall_at_k(got, want).mean()) >= (1.0 if kind != "hnsw" else 0.9)
 
 
-def test_index_errors(random_vectors):
+def test_wrong_dimension_k_nan_untrained_ivf_and_unknown_kind_are_refused(random_vectors):
     x, q = random_vectors
     index = InnerProductIndex.from_array(x[:50], "flat")
     with pytest.raises(ValueError, match="dimension"):

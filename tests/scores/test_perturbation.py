@@ -77,7 +77,7 @@ def test_predicts_the_effect_of_perturbing_an_input_and_retraining():
         theta = torch.linalg.solve(gram, augmented.T @ y / N).T  # (2, 4)
         return theta[:, :3], theta[:, 3]
 
-    def test_losses(inputs):
+    def refit_test_losses(inputs):
         w, b = fit(inputs)
         return 0.5 * ((x_test @ w.T + b - y_test) ** 2).sum(dim=1)
 
@@ -96,7 +96,7 @@ def test_predicts_the_effect_of_perturbing_an_input_and_retraining():
         plus, minus = x.clone(), x.clone()
         plus[i] += eps * u
         minus[i] -= eps * u
-        derivative = (test_losses(plus) - test_losses(minus)) / (2 * eps)
+        derivative = (refit_test_losses(plus) - refit_test_losses(minus)) / (2 * eps)
         torch.testing.assert_close((got[:, j] * u).sum(dim=1) / N, derivative, rtol=1e-6, atol=1e-10)
 
 
@@ -135,7 +135,7 @@ def test_batch_layouts_chunking_and_reusing_the_solve_agree():
     torch.testing.assert_close(reused, reference, rtol=0, atol=0)
 
 
-def test_clear_errors():
+def test_bad_input_key_and_shapes_are_refused_naming_the_fix():
     model, x, y, test = make_problem()
     objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=WD)
     s_test = torch.randn(2, objective.dim, dtype=DTYPE)

@@ -49,7 +49,7 @@ def _assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
             assert got[name] == plain and type(got[name]) is type(plain), name
 
 
-def test_round_trip(tmp_path: Path) -> None:
+def test_put_then_get_returns_equal_arrays_and_json_values(tmp_path: Path) -> None:
     cache = RefitCache(tmp_path, "setting-a")
     assert cache.get(3) is None and 3 not in cache and cache.done_indices() == []
     expected = _result(0)
@@ -181,7 +181,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert os.listdir(cache.path) == []
 
 
-def test_fingerprint_of() -> None:
+def test_fingerprint_depends_on_data_and_settings_not_their_order() -> None:
     x = np.arange(12, dtype=np.float64).reshape(3, 4)
     y = np.array([0, 1, 1])
     base = fingerprint_of(x, y, l2=0.01, solver="lbfgs")

@@ -255,7 +255,7 @@ def test_normalisation_does_not_depend_on_batching():
             torch.testing.assert_close(sampled, expected_sampled, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_clear_errors():
+def test_mismatched_batches_and_shapes_are_refused():
     model, (x, y) = make_mlp(), make_data("cross_entropy")
     objective = TorchObjective(model, "cross_entropy", (x, y))
     with pytest.raises(ValueError, match="one mini-batch of indices per vector"):

@@ -149,7 +149,7 @@ def test_train_data_forms_agree(model, states, data):
     assert rel_err(got, want) <= 1e-10
 
 
-def test_self_influence(model, states, data):
+def test_self_influence_is_the_sum_of_squared_gradient_norms(model, states, data):
     _, train = data
     tracin = TracInCP(model, states, LRS, ce_loss, chunk_size=4)
     got = tracin.self_influence(train)
@@ -159,7 +159,7 @@ def test_self_influence(model, states, data):
     assert torch.allclose(got, torch.diagonal(tracin.scores(train, train)), rtol=1e-12, atol=0)
 
 
-def test_top_k(model, states, data):
+def test_top_k_are_the_largest_and_smallest_loop_scores(model, states, data):
     test, train = data
     want = loop_scores(states, LRS, ALL, test, train)
     top = TracInCP(model, states, LRS, ce_loss).top_k(test, train, k=3)
@@ -244,7 +244,7 @@ def test_checkpoint_mismatch_errors(model, states):
         TracInCP(model, [wrong], [1.0], ce_loss)
 
 
-def test_data_errors(model, states, data):
+def test_one_shot_iterators_and_mismatched_batches_are_refused(model, states, data):
     test, train = data
     tracin = TracInCP(model, states, LRS, ce_loss)
     with pytest.raises(TypeError, match="re-iterable"):

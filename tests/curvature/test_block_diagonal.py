@@ -168,7 +168,7 @@ def mask_of_small(blocks, dim):
     return mask
 
 
-def test_group_errors(setup):
+def test_overlapping_unknown_or_missing_groups_are_refused(setup):
     objective, _ = setup
     with pytest.raises(KeyError, match="not an attributed parameter"):
         blocks_from_groups(objective.space, {"a": ["0.weight", "nope"]})
