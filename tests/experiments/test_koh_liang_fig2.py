@@ -197,5 +197,11 @@ def test_kill_minus_nine_then_resume_loses_nothing(tmp_path, synthetic_mnist_dir
     assert code == 0, stderr
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
     assert fresh["retrain"]["from_cache"] == 0
-    assert resumed["solvers"]["exact"]["pearson"] == fresh["solvers"]["exact"]["pearson"]
-    assert (interrupted / "points.csv").read_text() == (tmp_path / "fresh" / "points.csv").read_text()
+    # the 7 reused refits ran on a Dask worker (single-threaded BLAS), the fresh ones in-process:
+    # equal optima (||grad|| <= 1e-10) up to rounding
+    assert resumed["solvers"]["exact"]["pearson"] == pytest.approx(fresh["solvers"]["exact"]["pearson"], abs=1e-12)
+    resumed_rows = [line.split(",") for line in (interrupted / "points.csv").read_text().splitlines()]
+    fresh_rows = [line.split(",") for line in (tmp_path / "fresh" / "points.csv").read_text().splitlines()]
+    assert [r[:4] for r in resumed_rows] == [r[:4] for r in fresh_rows]  # same points, same labels
+    for resumed_row, fresh_row in zip(resumed_rows[1:], fresh_rows[1:]):
+        assert [float(v) for v in resumed_row[4:]] == pytest.approx([float(v) for v in fresh_row[4:]], rel=1e-8, abs=1e-15)
