@@ -76,8 +76,6 @@ __all__ = [
     "load_or_download_mnist",
     "write_mnist_format",
     "add_data_arguments",
-    "configure",
-    "run",
 ]
 
 DEFAULT_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -620,27 +618,3 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-download", action="store_true", help="fail instead of downloading MNIST when it is absent"
     )
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of ``influencekit download mnist``."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help=f"target directory (default: ${DATA_DIR_ENV} or {default_data_dir()})",
-    )
-    parser.add_argument(
-        "--mirror",
-        action="append",
-        default=None,
-        help=f"mirror URL to try; repeat for several, tried in order (default: ${MIRRORS_ENV} or {', '.join(MIRRORS)})",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Download and verify; a failure raises :class:`DatasetError` (the CLI prints one line, exit status 2)."""
-    directory = download_mnist(args.data_dir, args.mirror, progress=False if args.no_progress else None)
-    print(f"MNIST is ready in {directory}")
-    return 0

@@ -31,7 +31,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "methods": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
     },
     "download": {
-        "mnist": ("influencekit.datasets.mnist", "Download MNIST (checksum-verified) into --data-dir"),
+        "mnist": ("influencekit.cli.download", "Download MNIST (checksum-verified) into --data-dir"),
     },
 }
 
@@ -101,7 +101,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"influencekit: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_EXPECTED_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,34 @@
+"""``influencekit download mnist``: fetch the four MNIST files into a data directory, checksum-verified."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from influencekit.datasets.mnist import DATA_DIR_ENV, MIRRORS, MIRRORS_ENV, default_data_dir, download_mnist
+
+__all__ = ["configure", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``influencekit download mnist``."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"target directory (default: ${DATA_DIR_ENV} or {default_data_dir()})",
+    )
+    parser.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        help=f"mirror URL to try; repeat for several, tried in order (default: ${MIRRORS_ENV} or {', '.join(MIRRORS)})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Download and verify; a failure raises :class:`DatasetError` (the CLI prints one line, exit status 2)."""
+    directory = download_mnist(args.data_dir, args.mirror, progress=False if args.no_progress else None)
+    print(f"MNIST is ready in {directory}")
+    return 0
