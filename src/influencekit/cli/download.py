@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from influencekit.datasets.mnist import DATA_DIR_ENV, MIRRORS, MIRRORS_ENV, default_data_dir, download_mnist
+from influencekit.datasets.mnist import MIRRORS, MIRRORS_ENV, add_data_dir_argument, download_mnist
 
 __all__ = ["configure", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``influencekit download mnist``."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help=f"target directory (default: ${DATA_DIR_ENV} or {default_data_dir()})",
-    )
+    add_data_dir_argument(parser, "target directory")
     parser.add_argument(
         "--mirror",
         action="append",

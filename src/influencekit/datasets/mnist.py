@@ -607,14 +607,15 @@ def load_or_download_mnist(
     return load_mnist(directory, dtype)
 
 
+def add_data_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--data-dir``, with its default (``$INFLUENCEKIT_DATA``, then the user cache) in the help after ``what``."""
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"{what} (default: ${DATA_DIR_ENV} or {default_data_dir()})")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data-dir`` and ``--no-download``, the options of every command that reads MNIST."""
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help=f"MNIST directory (default: ${DATA_DIR_ENV} or {default_data_dir()}); downloaded there if absent",
-    )
+    add_data_dir_argument(parser, "MNIST directory, downloaded there if absent")
     parser.add_argument(
         "--no-download", action="store_true", help="fail instead of downloading MNIST when it is absent"
     )

@@ -178,14 +178,8 @@ class _CheckpointTracIn(ABC):
     ``<grad l(w_c, z), grad l(w_c, z')>``.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        checkpoints: Sequence[Checkpoint],
-        learning_rates: Sequence[float],
-        loss_fn: TracInLossFn,
-        chunk_size: int,
-    ) -> None:
+    def __init__(self, model: nn.Module, checkpoints: Sequence[Checkpoint], learning_rates: Sequence[float],
+                 loss_fn: TracInLossFn, chunk_size: int) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
@@ -370,15 +364,8 @@ class TracInCP(_CheckpointTracIn):
             ``chunk_size * p`` gradient entries (``p`` = number of scored parameters).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        checkpoints: Sequence[Checkpoint],
-        learning_rates: Sequence[float],
-        loss_fn: TracInLossFn,
-        params: Sequence[str] | None = None,
-        chunk_size: int = 256,
-    ) -> None:
+    def __init__(self, model: nn.Module, checkpoints: Sequence[Checkpoint], learning_rates: Sequence[float],
+                 loss_fn: TracInLossFn, params: Sequence[str] | None = None, chunk_size: int = 256) -> None:
         super().__init__(model, checkpoints, learning_rates, loss_fn, chunk_size)
         if isinstance(params, str):
             raise TypeError("params must be a sequence of parameter names, not a single string")
@@ -456,15 +443,8 @@ class LastLayerTracIn(_CheckpointTracIn):
         Other arguments as in :class:`TracInCP`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        checkpoints: Sequence[Checkpoint],
-        learning_rates: Sequence[float],
-        loss_fn: TracInLossFn,
-        layer: str,
-        chunk_size: int = 256,
-    ) -> None:
+    def __init__(self, model: nn.Module, checkpoints: Sequence[Checkpoint], learning_rates: Sequence[float],
+                 loss_fn: TracInLossFn, layer: str, chunk_size: int = 256) -> None:
         super().__init__(model, checkpoints, learning_rates, loss_fn, chunk_size)
         modules = dict(model.named_modules())
         linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
