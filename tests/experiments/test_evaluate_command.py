@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from headless_chromium import external_references
 from influencekit.cli import main
 from influencekit.objectives.softmax_batch import SoftmaxSubsetTrainer, fit_softmax_regression_subsets
 from influencekit.objectives.softmax_regression import fit_softmax_regression
-
-MNIST_DIR = Path("/work/shared/data/mnist")
-
 
 def _toy(n=120, d=6, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -45,10 +42,9 @@ def test_subset_trainer_from_scratch_and_warm_start_agree_on_the_convex_optimum(
     assert np.abs(scratch[0] - scratch[1]).max() > 1e-3
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="needs MNIST in /work/shared/data/mnist")
-def test_evaluate_command_reduced_mnist_lr(tmp_path):
+def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
     out = tmp_path / "eval"
-    argv = ["evaluate", "methods", "--data-dir", str(MNIST_DIR), "--out", str(out), "--workers", "0",
+    argv = ["evaluate", "methods", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
             "--train-size", "200", "--downsample", "4", "--test-size", "12", "--num-subsets", "10",
             "--val-subsets", "4", "--val-test-size", "6", "--loo-points", "8", "--n-bootstrap", "30",
             "--methods", "exact", "cg", "kfac", "tracin"]
@@ -68,6 +64,10 @@ def test_evaluate_command_reduced_mnist_lr(tmp_path):
     assert exact["mislabel_auc"] > 0.6 and methods["cg"]["mislabel_auc"] is None
     assert len(methods["kfac"]["tuning"]) == 3 and methods["kfac"]["settings"]["damping"] in (0.0, 1e-3, 1e-2)
     assert "| exact |" in (out / "results.md").read_text() and (out / "lds.png").stat().st_size > 0
+    report = (out / "report.html").read_text(encoding="utf-8")
+    best = max(methods, key=lambda name: methods[name]["lds"])
+    assert external_references(report) == [] and f"Best LDS: {best}" in report
+    assert report.count("<img") >= 2 * 10 + 2  # 10 helpful, 10 harmful, the test point and the LDS plot
     # rerun: the retrained subsets come from the cache
     before = sorted(p.name for p in (out / "cache").rglob("*"))
     assert main(argv[:-4] + ["exact"]) == 0
