@@ -31,7 +31,10 @@ class DirectSolver(IHVPSolver):
         self.matrix = matrix
         self.damping = float(damping)
         self.dim = matrix.shape[0]
-        damped = matrix + self.damping * torch.eye(self.dim, dtype=matrix.dtype)
+        damped = matrix  # no copy (nor an identity matrix) unless there is damping: bounds peak memory at 2 p^2
+        if self.damping != 0:
+            damped = matrix.clone()
+            damped.diagonal().add_(self.damping)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) != 0:
             eig = torch.linalg.eigvalsh(damped)
