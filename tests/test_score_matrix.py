@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from influencekit import DirectSolver, HessianOperator, InfluenceFunction
+from influencekit.cli import main
 from influencekit.data import index_batch
 from influencekit.scores.matrix import KILL_AFTER_BLOCKS_ENV, ScoreMatrixSpec, compute_score_matrix
 
@@ -31,11 +32,15 @@ def reference(test_indices):
     return scores.influence_on_loss.numpy()
 
 
-def run_cli(out: Path, *extra: str, env_extra=None) -> subprocess.CompletedProcess:
+def score_args(out: Path, *extra: str) -> list[str]:
+    return ["score", "--task", TASK, "--data-dir", str(out.parent), "--solver", "exact", "--out", str(out),
+            "--test-block", "3", "--train-block", "10", "--no-progress", *extra]
+
+
+def run_cli_process(out: Path, *extra: str, env_extra=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR), str(TESTS_DIR)]), **(env_extra or {})}
-    command = [sys.executable, "-m", "influencekit.cli", "score", "--task", TASK, "--data-dir", str(out.parent), "--solver", "exact",
-               "--out", str(out), "--test-block", "3", "--train-block", "10", "--no-progress", *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "influencekit.cli", *score_args(out, *extra)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_rows_equal_single_test_point_influence(tmp_path):
@@ -53,9 +58,9 @@ def test_rows_equal_single_test_point_influence(tmp_path):
     np.testing.assert_allclose(zarr.open_group(tmp_path / "cg.zarr")["scores"][:], reference(list(range(11))), rtol=1e-4, atol=1e-6)
 
 
-def test_kill_9_mid_run_then_resume_loses_nothing(tmp_path):
+def test_kill_9_mid_run_then_resume_loses_nothing(tmp_path, capsys):
     out = tmp_path / "scores.zarr"
-    killed = run_cli(out, "--tests", "all", "--dtype", "float64", env_extra={KILL_AFTER_BLOCKS_ENV: "5"})
+    killed = run_cli_process(out, "--tests", "all", "--dtype", "float64", env_extra={KILL_AFTER_BLOCKS_ENV: "5"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     group = zarr.open_group(out, mode="r")
     done = group["scores_done"][:]
@@ -63,12 +68,12 @@ def test_kill_9_mid_run_then_resume_loses_nothing(tmp_path):
     assert np.isnan(group["scores"][:]).sum() == sum(
         min(3, 11 - 3 * a) * min(10, 37 - 10 * b) for a in range(4) for b in range(4) if not done[a, b]
     )
-    resumed = run_cli(out, "--tests", "all", "--dtype", "float64")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "0 s_test blocks, 11 of 16 score blocks" in resumed.stdout  # only what was missing
+    assert main(score_args(out, "--tests", "all", "--dtype", "float64")) == 0
+    assert "0 s_test blocks, 11 of 16 score blocks" in capsys.readouterr().out  # only what was missing
     np.testing.assert_allclose(zarr.open_group(out, mode="r")["scores"][:], reference(list(range(11))), rtol=1e-10, atol=1e-13)
-    clash = run_cli(out, "--tests", "1,2", "--dtype", "float64")
-    assert clash.returncode == 2 and clash.stderr.count("\n") == 1 and "other settings" in clash.stderr
+    assert main(score_args(out, "--tests", "1,2", "--dtype", "float64")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings" in err
 
 
 def test_blocks_on_a_local_dask_cluster(tmp_path, monkeypatch):
@@ -79,6 +84,7 @@ def test_blocks_on_a_local_dask_cluster(tmp_path, monkeypatch):
     np.testing.assert_allclose(zarr.open_group(tmp_path / "d.zarr")["scores"][:], reference(list(range(11))), rtol=1e-10, atol=1e-13)
 
 
-def test_bad_tests_option_is_one_line_exit_2(tmp_path):
-    bad = run_cli(tmp_path / "x.zarr", "--tests", "3,99")
-    assert bad.returncode == 2 and "[0, 11)" in bad.stderr and bad.stderr.count("\n") == 1
+def test_bad_tests_option_is_one_line_exit_2(tmp_path, capsys):
+    assert main(score_args(tmp_path / "x.zarr", "--tests", "3,99")) == 2
+    err = capsys.readouterr().err
+    assert "[0, 11)" in err and err.count("\n") == 1
