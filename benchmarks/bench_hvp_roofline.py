@@ -51,11 +51,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     split = koh_liang_split(load_mnist(args.data_dir))
-    a = torch.randn(4096, 4096)
-    gemm_rate = 2 * 4096**3 / best(lambda: a @ a, args.repeats)
+    square = torch.randn(4096, 4096)
+    gemm_rate = 2 * 4096**3 / best(lambda: square @ square, args.repeats)
     big = torch.empty(128 * 2**20)  # 512 MB
-    bandwidth = 2 * big.nbytes / best(lambda: big.clone(), args.repeats)  # read + write
-    del a, big
+    bandwidth = 2 * big.nbytes / best(big.clone, args.repeats)  # read + write
+    big = square = None  # free before the models
     print(f"limits measured now: float32 GEMM {gemm_rate / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s (read + write)")
     torch.manual_seed(0)
     models = {
