@@ -153,6 +153,10 @@ class DataSource:
         """The examples at ``indices`` (1-D int tensor) as one batch, in that order."""
         return index_batch(self.materialize(), indices.reshape(-1))
 
+    def resident(self) -> Batch:
+        """The tensors this source keeps in memory for its whole life (empty for a loader not yet materialized)."""
+        return () if self._tensors is None else self._tensors
+
     def materialize(self) -> Batch:
         """All examples as one batch (a loader is concatenated once and cached)."""
         if self._tensors is None:

@@ -1,4 +1,4 @@
-"""The ``evaluate methods`` command on a reduced mnist-lr workload, and the batched subset fits behind it."""
+"""The ``influencekit evaluate`` command on a reduced mnist-lr workload, and the batched subset fits behind it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_subset_trainer_from_scratch_and_warm_start_agree_on_the_convex_optimum(
 
 def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
     out = tmp_path / "eval"
-    argv = ["evaluate", "methods", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
+    argv = ["evaluate", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
             "--train-size", "200", "--downsample", "4", "--test-size", "12", "--num-subsets", "10",
             "--val-subsets", "4", "--val-test-size", "6", "--loo-points", "8", "--n-bootstrap", "30",
             "--methods", "exact", "cg", "kfac", "tracin"]
@@ -75,6 +75,6 @@ def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
 
 
 def test_evaluate_command_refuses_workloads_without_a_trainer(tmp_path, capsys):
-    code = main(["evaluate", "methods", "--workload", "mnist-mlp", "--out", str(tmp_path)])
+    code = main(["evaluate", "--workload", "mnist-mlp", "--out", str(tmp_path)])
     assert code == 2
     assert "issue 13" in capsys.readouterr().err

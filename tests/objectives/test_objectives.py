@@ -77,6 +77,39 @@ def test_explicit_hessian_matches_torch_autograd_hessian():
     torch.testing.assert_close(objective.hessian(block=7), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget_chunks", [0, 2, None])  # no chunk cached, the first 2 of 4, all
+def test_hvp_with_retained_gradient_graphs_is_the_hessian(budget_chunks):
+    model, (x, y) = make_mlp(), make_data()
+    probe = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.05, chunk_size=6)
+    _, per_chunk = probe._retained_gradient(probe._prepare((x[:6], y[:6])))
+    assert per_chunk > 0  # the tanh activations and softmax outputs of the chunk, not the data
+    budget = 1e6 if budget_chunks is None else (budget_chunks + 0.5) * per_chunk / 2**20
+    objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.05, chunk_size=6, hvp_cache_mb=budget)
+
+    def objective_at(theta):
+        return objective.losses(theta, (x, y)).mean() + 0.025 * theta @ theta
+
+    hessian = torch.autograd.functional.hessian(objective_at, objective.parameters_vector())
+    v = torch.randn(3, objective.dim, dtype=torch.float64)
+    for _ in range(2):  # the retained graphs serve every later product
+        torch.testing.assert_close(objective.hvp(v), v @ hessian, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(objective.hvp(v[1]), v[1:2] @ hessian, rtol=1e-10, atol=1e-12)
+    assert len(objective._cached_gradients()) == (4 if budget_chunks is None else budget_chunks)
+
+
+def test_hvp_of_a_convolutional_network_matches_autograd_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,), generator=gen)
+    objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.01, chunk_size=4)
+    hessian = torch.autograd.functional.hessian(
+        lambda t: objective.losses(t, (x, y)).mean() + 0.005 * t @ t, objective.parameters_vector()
+    )
+    v = torch.randn(2, objective.dim, dtype=torch.float64)
+    torch.testing.assert_close(objective.hvp(v), v @ hessian, rtol=1e-10, atol=1e-12)
+
+
 def test_sampled_hvp_is_minibatch_hessian():
     model, (x, y) = make_mlp(), make_data()
     objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.05)

@@ -17,9 +17,12 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
+Command = tuple[str, str]
+"""(module, help text) of one command."""
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
     "reproduce": {
         "koh-liang-fig2": ("influencekit.experiments.koh_liang_fig2", "Koh & Liang (2017) Figure 2: predicted vs. actual leave-one-out loss change"),
     },
@@ -27,9 +30,8 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "tracin-mnist": ("influencekit.experiments.tracin_mnist", "TracIn on an MLP trained with SGD on MNIST vs. influence functions"),
         "fastif-recall": ("influencekit.experiments.fastif_recall", "FastIF kNN pre-selection: recall@m and speed-up of top-k search"),
     },
-    "evaluate": {
-        "methods": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
-    },
+    "evaluate": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
+    "score": ("influencekit.scores.matrix", "I_up,loss of every training point for many test points into a zarr matrix (Dask, resumable)"),
     "download": {
         "mnist": ("influencekit.cli.download", "Download MNIST (checksum-verified) into --data-dir"),
     },
@@ -65,27 +67,42 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _command(argv: Sequence[str]) -> tuple[str, str] | None:
-    """``(group, name)``: the first two arguments once a global ``--debug`` is set aside."""
+def _command(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command's words (``(group, name)``, or ``(name,)``) once a global ``--debug`` is set aside."""
     words = [a for a in argv if a != "--debug"]
-    return (words[0], words[1]) if len(words) >= 2 else None
+    if words and isinstance(COMMANDS.get(words[0]), tuple):
+        return (words[0],)
+    return tuple(words[:2])
 
 
-def build_parser(command: tuple[str, str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only ``command``'s module is imported to add its options."""
+_DEBUG_HELP = "show the traceback of an expected error too"
+
+
+def _add_command(subparsers: Any, name: str, command: Command, selected: bool) -> None:
+    module, help_text = command
+    sub = subparsers.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(module=module)
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)  # also after the command
+    if selected:
+        importlib.import_module(module).configure(sub)
+
+
+def build_parser(command: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s module is imported to add its options.
+
+    A ``COMMANDS`` entry is a group of named commands (``influencekit reproduce koh-liang-fig2``)
+    or one command without a second word (``influencekit score``).
+    """
     parser = _Parser(prog="influencekit", description="Which training examples made my model predict this?")
-    debug_help = "show the traceback of an expected error too"
-    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     groups = parser.add_subparsers(dest="group", required=True)
-    for group, commands in COMMANDS.items():
-        group_parser = groups.add_parser(group)
-        names = group_parser.add_subparsers(dest="name", required=True)
-        for name, (module, help_text) in commands.items():
-            sub = names.add_parser(name, help=help_text, description=help_text)
-            sub.set_defaults(module=module)
-            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)  # also after the command
-            if command == (group, name):
-                importlib.import_module(module).configure(sub)
+    for group, entry in COMMANDS.items():
+        if isinstance(entry, tuple):
+            _add_command(groups, group, entry, command == (group,))
+            continue
+        names = groups.add_parser(group).add_subparsers(dest="name", required=True)
+        for name, named in entry.items():
+            _add_command(names, name, named, command == (group, name))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``influencekit evaluate methods``: every attribution method on one workload, at the field's standard.
+"""``influencekit evaluate``: every attribution method on one workload, at the field's standard.
 
 Workload ``mnist-lr`` (dattri's MNIST-10 logistic regression): softmax regression
 W (10 x 784, no bias, 7,840 parameters), R(W) = mean CE + (lambda/2)||W||^2,
@@ -53,6 +53,7 @@ import torch
 
 from influencekit.curvature import HessianOperator
 from influencekit.persistence import atomic_write
+from influencekit.reports.experiments import write_evaluate_report
 from influencekit.evaluation import linear_datamodeling_score, leave_one_out_correlation, mislabel_detection, flip_labels, subset_masks, subset_outputs
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.objectives.softmax_batch import SoftmaxSubsetTrainer, fit_softmax_regression_subsets
@@ -302,7 +303,8 @@ def _retrain(config: EvaluateConfig, x, y, tests, masks: np.ndarray, name: str, 
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    """Run the evaluation; writes results.json, results.md, lds.png and scores/<method>.npy into ``config.out``; returns the results."""
+    """Run the evaluation; writes results.json, results.md, lds.png, report.html and scores/<method>.npy into
+    ``config.out``; returns the results."""
     if config.workload != "mnist-lr":
         raise NotImplementedError(
             f"workload {config.workload!r} needs the generic retraining engine for torch models (issue 13); "
@@ -356,7 +358,9 @@ def evaluate(config: EvaluateConfig) -> dict:
         _log(f"{name}: LDS {r['lds']:.3f} [{r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}], LOO {r['loo_pearson']:.3f}, "
              f"AUC {r['mislabel_auc'] if r['mislabel_auc'] is None else round(r['mislabel_auc'], 3)}, {r['seconds']:.1f} s")
         _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch_seconds, warm_seconds, start)
-    return _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch_seconds, warm_seconds, start, final=True)
+    document = _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch_seconds, warm_seconds, start, final=True)
+    write_evaluate_report(config, document, (x, y), tests, dict(zip(loo_points.tolist(), loo_actual[0].tolist())))
+    return document
 
 
 def _evaluate_method(name, config, model, noisy, tests, val_tests, masks, val_masks, actual, actual_warm, actual_val,

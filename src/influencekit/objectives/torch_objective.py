@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,10 +17,10 @@ from influencekit.checks import (
     named_tensors,
     warn_lossy_cast,
 )
-from influencekit.data import Batch, DataSource, batch_size, index_batch, map_batch, reshape_leading
+from influencekit.data import Batch, DataSource, batch_size, batch_tensors, index_batch, map_batch, reshape_leading
 from influencekit.errors import DtypeError
-from influencekit.losses import ForwardFn, LossFn, batch_targets, cast_floats, cross_entropy, default_forward, resolve_loss
 from influencekit.linalg import check_directions
+from influencekit.losses import ForwardFn, LossFn, batch_targets, cast_floats, cross_entropy, default_forward, resolve_loss
 from influencekit.parameters import ParameterSpace
 
 
@@ -59,6 +60,13 @@ class TorchObjective:
         chunk_size: rows per chunk for per-example work (bounds memory).
         allow_train_mode: accept a model whose dropout / batch-norm modules are in
             train mode (every pass then sees different or batch-dependent outputs).
+        hvp_cache_mb: memory budget (MB) for keeping, per training chunk, the
+            autograd graph of its gradient g_c = grad sum_{i in c} l_i (made
+            with ``create_graph``). ``hvp`` then differentiates g_c once more
+            (H_c v = grad <g_c, v>, reverse-over-reverse) instead of redoing the
+            forward and backward passes at every product: on W1 about 4x fewer
+            operations per Hessian-vector product. Chunks beyond the budget use
+            forward-over-reverse ``jvp(grad)``; 0 disables the cache.
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class TorchObjective:
         forward: ForwardFn = default_forward,
         chunk_size: int = 1024,
         allow_train_mode: bool = False,
+        hvp_cache_mb: float = 1024.0,
     ):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -100,6 +109,9 @@ class TorchObjective:
         self._warned_cast = False
         self._num_classes: int | None = None
         self._train_labels_checked = False
+        self.hvp_cache_mb = float(hvp_cache_mb)
+        self._gradient_graphs: list[Tensor] | None = None
+        self._theta_leaf = self.theta.detach().requires_grad_()
 
     # -- basic functional pieces -------------------------------------------------
     @property
@@ -205,11 +217,50 @@ class TorchObjective:
 
         return vmap(one)(vectors)
 
+    def _retained_gradient(self, chunk: Batch) -> tuple[Tensor, int]:
+        """g_c = grad of sum_{i in chunk} l_i with its graph kept, and the bytes that graph holds.
+
+        The bytes count every tensor autograd saved for the double backward,
+        except the parameters and storage shared with the training set itself.
+        """
+        saved: dict[int, int] = {}
+
+        def pack(tensor: Tensor) -> Tensor:
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            (gradient,) = torch.autograd.grad(self.losses(self._theta_leaf, chunk).sum(), self._theta_leaf, create_graph=True)
+        resident = {t.untyped_storage().data_ptr() for t in batch_tensors(self.train.resident())}
+        resident.add(self._theta_leaf.untyped_storage().data_ptr())
+        return gradient, sum(nbytes for ptr, nbytes in saved.items() if ptr not in resident)
+
+    def _cached_gradients(self) -> list[Tensor]:
+        """Retained chunk gradients g_c for the leading chunks that fit in ``hvp_cache_mb`` (built once)."""
+        if self._gradient_graphs is None:
+            self._gradient_graphs, used = [], 0
+            for chunk in self.train.chunks() if self.hvp_cache_mb > 0 else ():
+                gradient, nbytes = self._retained_gradient(self._prepare(chunk))
+                used += nbytes
+                if used > self.hvp_cache_mb * 2**20:
+                    break
+                self._gradient_graphs.append(gradient)
+        return self._gradient_graphs
+
     def hvp(self, vectors: Tensor) -> Tensor:
         vectors = check_directions(vectors, self.dim).to(self.dtype)
+        cached = self._cached_gradients()
         total = torch.zeros_like(vectors)
-        for chunk in self._train_chunks():
-            total += self._hvp_of(chunk, vectors)
+        for gradient in cached:
+            # one vector: a plain backward; several: one batched (vmapped) backward
+            if len(vectors) == 1:
+                (product,) = torch.autograd.grad(gradient, self._theta_leaf, vectors[0], retain_graph=True)
+            else:
+                (product,) = torch.autograd.grad(gradient, self._theta_leaf, vectors, retain_graph=True, is_grads_batched=True)
+            total += product
+        for chunk in itertools.islice(self.train.chunks(), len(cached), None):
+            total += self._hvp_of(self._prepare(chunk), vectors)
         return total / self.n_train + self.weight_decay * vectors
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:

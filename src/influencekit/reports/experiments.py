@@ -28,18 +28,22 @@ from influencekit.reports.html import (
 __all__ = ["command_line", "write_fastif_recall_report", "write_koh_liang_fig2_report", "write_tracin_mnist_report"]
 
 
-def command_line(group: str, name: str, args: argparse.Namespace | Mapping[str, Any]) -> str:
-    """The ``influencekit GROUP NAME ...`` command that reruns a command with ``args``.
+def command_line(*command_and_args: Any) -> str:
+    """The ``influencekit GROUP NAME ...`` (or ``influencekit NAME ...``) command that reruns a command with ``args``:
+    ``command_line(group, name, args)`` or ``command_line(name, args)``.
 
     Options equal to their defaults are left out; lists are joined by commas;
     flags (``store_true``) appear when set.
     """
     from influencekit.cli import COMMANDS
 
+    *words, args = command_and_args
+    entry = COMMANDS[words[0]]
+    module = entry[0] if isinstance(entry, tuple) else entry[words[1]][0]
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     parser = argparse.ArgumentParser()
-    importlib.import_module(COMMANDS[group][name][0]).configure(parser)
-    words = ["influencekit", group, name]
+    importlib.import_module(module).configure(parser)
+    words = ["influencekit", *words]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help" or action.dest not in values:
             continue
@@ -48,7 +52,10 @@ def command_line(group: str, name: str, args: argparse.Namespace | Mapping[str, 
             if value and value != action.default:
                 words.append(flag)
         elif value != action.default or action.required:
-            words += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+            if isinstance(value, (list, tuple)):
+                words += [flag, *map(str, value)] if action.nargs in ("+", "*") else [flag, ",".join(map(str, value))]
+            else:
+                words += [flag, str(value)]
     return shlex.join(words)
 
 
@@ -196,3 +203,33 @@ def write_fastif_recall_report(
     report.summary = (f"Koh & Liang's logistic regression on {w1.objective.n_train:,} MNIST images (||grad R|| = "
                       f"{results['model']['gradient_norm']:.2g}); {len(test_indices)} test points, the first shown.")
     return write_report(report, Path(args.out) / "report.html")
+
+
+def write_evaluate_report(config: Any, document: dict, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
+                          measured: Mapping[int, float], k: int = 10) -> Path:
+    """``config.out/report.html`` of ``influencekit evaluate``: the method table and LDS plot, and the best method's
+    top examples for the first test point, with the leave-one-out change where it was measured (``measured``)."""
+    methods = document["methods"]
+    best = max(methods, key=lambda name: methods[name]["lds"])
+    influence = np.load(Path(config.out) / "scores" / f"{best}.npy")[0]
+    x, y = train
+    n = x.shape[0]
+    rows = [SolverEvidence(name, r["seconds"], None, None, False,
+                           {"LDS": r["lds"], "LDS 95% CI": r["lds_ci"], "LDS warm": r["lds_warm"],
+                            "LOO Pearson": r["loo_pearson"], "mislabel AUC": r["mislabel_auc"]})
+            for name, r in methods.items()]
+    report = Report(
+        title=f"Which method to trust: {document['workload']}",
+        test=Example(test[0][0], "evaluation test point #0", [f"label {int(test[1][0])}"]),
+        groups=influence_groups(influence, n, x, k=k, train_labels=y, actual_changes=dict(measured), noun="image",
+                                what=f" (best LDS: {best})"),
+        solvers=rows,
+        figures=[("LDS of every method (95% bootstrap interval)", (Path(config.out) / "lds.png").read_bytes())],
+        trustworthy=None,
+        settings=_jsonable(document["config"]),
+        command=command_line("evaluate", {**vars(config), "methods": config.methods}),
+        summary=f"{len(methods)} methods on {n:,} training points; LDS over {config.num_subsets} subsets of "
+                f"{config.fraction:g} of the data retrained from scratch. Best LDS: {best} "
+                f"({methods[best]['lds']:.3f}). Output function: {document['output_function']}.",
+    )
+    return write_report(report, Path(config.out) / "report.html")

@@ -6,6 +6,8 @@
   with respect to a training input.
 * :mod:`~influencekit.scores.fastif` -- FastIF: influence restricted to kNN-preselected
   candidates, and its recall@m.
+* :mod:`~influencekit.scores.matrix` -- score matrices larger than memory: many test points
+  x all training points into zarr, resumable, on Dask (``influencekit score``).
 """
 
 from influencekit.scores.fastif import (
@@ -17,6 +19,7 @@ from influencekit.scores.fastif import (
     top_m_among,
 )
 from influencekit.scores.influence import InfluenceFunction, InfluenceScores, TopK
+from influencekit.scores.matrix import ScoreMatrixSpec, ScoreRunReport, compute_score_matrix
 from influencekit.scores.perturbation import perturbation_influence, perturbation_influence_from_inverse_hvp
 
 __all__ = [
@@ -24,8 +27,11 @@ __all__ = [
     "InfluenceFunction",
     "InfluenceScores",
     "RecallTable",
+    "ScoreMatrixSpec",
+    "ScoreRunReport",
     "TopK",
     "candidate_influence",
+    "compute_score_matrix",
     "fastif_recall_table",
     "fastif_top_m",
     "perturbation_influence",

@@ -32,7 +32,10 @@ class DirectSolver(Solver):
         super().__init__(DenseOperator(matrix), damping=damping, measure_residuals=measure_residuals)
         self.matrix = matrix
         self.dim = matrix.shape[0]
-        damped = matrix + self.damping * torch.eye(self.dim, dtype=matrix.dtype)
+        damped = matrix  # no copy (nor an identity matrix) unless there is damping: bounds peak memory at 2 p^2
+        if self.damping != 0:
+            damped = matrix.clone()
+            damped.diagonal().add_(self.damping)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) != 0:
             eig = torch.linalg.eigvalsh(damped)
