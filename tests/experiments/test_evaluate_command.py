@@ -67,7 +67,8 @@ def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
     report = (out / "report.html").read_text(encoding="utf-8")
     best = max(methods, key=lambda name: methods[name]["lds"])
     assert external_references(report) == [] and f"Best LDS: {best}" in report
-    assert report.count("<img") >= 2 * 10 + 2  # 10 helpful, 10 harmful, the test point and the LDS plot
+    assert report.count("Removing this image would") == 2 * 10  # the 10 most helpful and the 10 most harmful
+    assert report.count("<img") >= 1  # the LDS plot (7 x 7 downsampled examples are drawn as tables)
     # rerun: the retrained subsets come from the cache
     before = sorted(p.name for p in (out / "cache").rglob("*"))
     assert main(argv[:-4] + ["exact"]) == 0
