@@ -67,7 +67,7 @@ def _softmax_objective(task: Task, dtype: torch.dtype) -> Objective:
     return SoftmaxRegressionObjective(task.model.weight.detach().to(dtype), x.to(dtype), y, task.weight_decay)
 
 
-def mnist_logistic_regression(data_dir: Path, cache_dir: Path) -> Task:
+def mnist_logistic_regression(data_dir: Path | None, cache_dir: Path) -> Task:
     """W1: Koh & Liang's MNIST logistic regression, at its verified optimum.
 
     Training set: MNIST training images 5,000..59,999 (n = 55,000), pixels / 255;
@@ -77,10 +77,10 @@ def mnist_logistic_regression(data_dir: Path, cache_dir: Path) -> Task:
     gradient norm is re-checked on every load). Scores use the closed-form
     softmax-regression objective (tested equal to the generic one).
     """
-    from influencekit.datasets import koh_liang_split, load_mnist
+    from influencekit.datasets import koh_liang_split, load_or_download_mnist
     from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective, fit_softmax_regression
 
-    split = koh_liang_split(load_mnist(Path(data_dir)))
+    split = koh_liang_split(load_or_download_mnist(data_dir))  # None: $INFLUENCEKIT_DATA or the user cache
     x, y = split.x_train.double(), split.y_train
     path = Path(cache_dir) / "mnist_logistic_regression_weights.pt"
     if path.exists():

@@ -73,7 +73,7 @@ class ScoreMatrixSpec:
     """
 
     task: str
-    data_dir: str
+    data_dir: str | None
     solver: str = "exact"
     tests: str = "all"
     damping: float = 0.0
@@ -148,7 +148,7 @@ _OBJECTIVES: dict[tuple[str, str, str, torch.dtype], Objective] = {}
 def _task(spec: ScoreMatrixSpec, cache_dir: Path) -> Task:
     key = (spec.task, spec.data_dir, str(cache_dir))
     if key not in _TASKS:
-        _TASKS[key] = load_task(spec.task)(Path(spec.data_dir), cache_dir)
+        _TASKS[key] = load_task(spec.task)(None if spec.data_dir is None else Path(spec.data_dir), cache_dir)
     return _TASKS[key]
 
 
@@ -291,11 +291,11 @@ def compute_score_matrix(
         if workers == 0 and scheduler is None:
             results = (score_block(spec, str(out), a, b) for a, b in pending)
         else:
-            from distributed import Client, as_completed
+            from distributed import as_completed
 
-            from influencekit.solvers.parallel_lissa import local_cluster
+            from influencekit.cluster import dask_client
 
-            client = stack.enter_context(Client(scheduler) if scheduler else Client(stack.enter_context(local_cluster(workers))))
+            client = stack.enter_context(dask_client(workers, scheduler))
             futures = [client.submit(score_block, spec, str(out), a, b, pure=False) for a, b in pending]
             results = (future.result() for future in as_completed(futures))
         for result in results:
@@ -313,7 +313,9 @@ def compute_score_matrix(
 # -- command line -------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="MODULE:FUNCTION returning an influencekit.tasks.Task, e.g. influencekit.tasks:mnist_logistic_regression")
-    parser.add_argument("--data-dir", type=Path, required=True, help="passed to the task function")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="passed to the task function (the MNIST task: default $INFLUENCEKIT_DATA or the user cache, "
+                             "downloaded there if absent)")
     parser.add_argument("--solver", choices=SOLVERS, default="exact")
     parser.add_argument("--tests", default="all", help="'all' or comma-separated test indices I,J,...")
     parser.add_argument("--out", type=Path, required=True, help="zarr group to write (resumed if it exists)")
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         if args.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {args.workers}")
         spec = ScoreMatrixSpec(
-            task=args.task, data_dir=str(Path(args.data_dir).resolve()), solver=args.solver, tests=args.tests,
+            task=args.task, data_dir=None if args.data_dir is None else str(Path(args.data_dir).resolve()), solver=args.solver, tests=args.tests,
             damping=args.damping, rtol=args.rtol, test_block=args.test_block, train_block=args.train_block, dtype=args.dtype,
         )
         report = compute_score_matrix(spec, args.out, workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress)
