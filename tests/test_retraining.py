@@ -119,3 +119,29 @@ def test_indefinite_hessian_names_the_damping_needed():
     fake = -torch.eye(objective.dim, dtype=torch.float64) * 0.25
     with pytest.raises(ValueError, match=r"damping >= 0\.25"):
         RetrainingProblem(objective, fake, mode="surrogate", damping=0.1)
+
+
+def test_nonconvex_mlp_at_a_verified_optimum_retraining_matches_influence():
+    from influencekit.curvature import DenseOperator
+    from influencekit.influence import InfluenceFunction
+    from influencekit.models.fitting import fit_to_local_optimum
+    from influencekit.solvers import ConjugateGradient
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 4, generator=gen, dtype=torch.float64)
+    y = ((x[:, 0] * x[:, 1] > 0).long() + (x[:, 2] > 0.5).long())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    fit = fit_to_local_optimum(model, "cross_entropy", x, y, 1e-3, tol=1e-10, adam_epochs=100, adam_batch=50, adam_lr=1e-2)
+    assert fit.at_local_optimum and fit.gradient_norm <= 1e-10 and fit.spectrum.negative == 0
+    objective = fit.objective
+    test = (x[:3] + 0.1, y[:3])
+    scores = InfluenceFunction(objective, ConjugateGradient(DenseOperator(fit.hessian), rtol=1e-12)).scores(test)
+    chosen = [int(i) for i in scores.most_influential(15)[0]]
+    refits = retrain(objective, chosen, mode="true", hessian=fit.hessian, tol=1e-10)
+    assert all(refits[i]["converged"] for i in chosen)
+    thetas = torch.stack([refits[i]["theta"] for i in chosen])
+    actual = measurements_at(objective, thetas, test)[:, 0] - measurements_at(objective, objective.theta, test)[0]
+    predicted = scores.predicted_loss_change[0, chosen]
+    assert torch.corrcoef(torch.stack([predicted, actual]))[0, 1] >= 0.97
+    assert torch.sign(predicted).eq(torch.sign(actual)).float().mean() >= 0.9
