@@ -102,6 +102,8 @@ class RetrainingProblem:
         newton_shift: mu of mode "true"; ``None``: :func:`positive_definite_shift` of H.
         budget_steps, budget_lr: mode "budget".
         rows_per_pass: examples x refits evaluated together in one vmapped chunk (memory bound).
+        max_step_norm: trust radius of a Newton step of mode "true" (unsafeguarded steps
+            diverged for a few of the most influential points of a small MLP).
     """
 
     objective: TorchObjective
@@ -115,6 +117,7 @@ class RetrainingProblem:
     budget_steps: int = 100
     budget_lr: float = 0.1
     rows_per_pass: int = 4096
+    max_step_norm: float = 1.0
     factor: Tensor = field(init=False, repr=False)
     full_gradient: Tensor = field(init=False, repr=False)
 
@@ -238,7 +241,8 @@ class RetrainingProblem:
                 elif float(norms[k]) > 0.1 * previous[k]:  # slow contraction: refresh the Hessian at theta_k
                     factors[k] = self._removed_hessian_factor(groups[k], thetas[k])
                 previous[k] = float(norms[k])
-                thetas[k] -= cholesky_solve(factors[k], gradients[j : j + 1])[0]
+                step_k = cholesky_solve(factors[k], gradients[j : j + 1])[0]
+                thetas[k] -= step_k * min(1.0, self.max_step_norm / float(step_k.norm()))  # trust radius
             steps[active] += 1
         return thetas, norms, steps
 
