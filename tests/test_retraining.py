@@ -132,7 +132,9 @@ def test_nonconvex_mlp_at_a_verified_optimum_retraining_matches_influence():
     y = ((x[:, 0] * x[:, 1] > 0).long() + (x[:, 2] > 0.5).long())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    fit = fit_to_local_optimum(model, "cross_entropy", x, y, 1e-3, tol=1e-10, adam_epochs=100, adam_batch=50, adam_lr=1e-2)
+    # weight decay 1e-2: with 1e-3 some of the top points' refits move theta by ~2.5 (another
+    # stationary point) and Pearson drops to 0.69, the fragility Basu et al. (2021) describe
+    fit = fit_to_local_optimum(model, "cross_entropy", x, y, 1e-2, tol=1e-10, adam_epochs=100, adam_batch=50, adam_lr=1e-2)
     assert fit.at_local_optimum and fit.gradient_norm <= 1e-10 and fit.spectrum.negative == 0
     objective = fit.objective
     test = (x[:3] + 0.1, y[:3])
