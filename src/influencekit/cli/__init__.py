@@ -25,6 +25,7 @@ Command = tuple[str, str]
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "reproduce": {
         "koh-liang-fig2": ("influencekit.experiments.koh_liang_fig2", "Koh & Liang (2017) Figure 2: predicted vs. actual leave-one-out loss change"),
+        "koh-liang-fig2-cnn": ("influencekit.experiments.koh_liang_fig2_cnn", "Koh & Liang (2017) Figure 2, right panel: small CNN, influence vs. retraining in three modes"),
     },
     "experiment": {
         "tracin-mnist": ("influencekit.experiments.tracin_mnist", "TracIn on an MLP trained with SGD on MNIST vs. influence functions"),
