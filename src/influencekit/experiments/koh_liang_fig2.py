@@ -30,8 +30,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -62,12 +64,33 @@ SOLVERS = ("exact", "cg", "lissa")
 
 
 @dataclass
-class Fig2Config:
-    """Arguments of the reproduction (defaults: Koh & Liang's Figure 2)."""
+class RetrainingRunConfig:
+    """Where a reproduction that retrains reads and writes, and how it runs (both Figure 2 panels).
+
+    Attributes:
+        out: output directory.
+        data_dir, download: MNIST's directory (``load_or_download_mnist``), and whether to download it.
+        workers, scheduler: refits on a local Dask cluster of ``workers`` processes (0: in-process),
+            or on the cluster of ``scheduler``.
+        cache_dir: the crash-safe refit cache (default ``out/refits``).
+        allow_untrustworthy: go on with a model off its optimum (results marked).
+        progress: progress bars (None: only on a terminal).
+    """
 
     out: Path
     data_dir: Path | None = None
     download: bool = True
+    workers: int = 2
+    scheduler: str | None = None
+    cache_dir: Path | None = None
+    allow_untrustworthy: bool = False
+    progress: bool | None = None
+
+
+@dataclass
+class Fig2Config(RetrainingRunConfig):
+    """Arguments of the reproduction (defaults: Koh & Liang's Figure 2)."""
+
     test_indices: list[int] = field(default_factory=lambda: [8])
     num_points: int = 500
     solvers: list[str] = field(default_factory=lambda: list(SOLVERS))
@@ -77,12 +100,7 @@ class Fig2Config:
     max_newton_steps: int = 100
     cg_rtol: float = 1e-10
     lissa: LiSSASettings = field(default_factory=LiSSASettings.koh_liang)
-    workers: int = 2
-    scheduler: str | None = None
     refit_batch_size: int = 50
-    cache_dir: Path | None = None
-    allow_untrustworthy: bool = False
-    progress: bool | None = None
 
 
 class UntrustworthyModelError(RuntimeError):
@@ -112,8 +130,13 @@ def _correlations(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]
 
 def run(config_or_args: Fig2Config | argparse.Namespace) -> int:
     config = config_or_args if isinstance(config_or_args, Fig2Config) else _config_from_args(config_or_args)
+    return run_or_refuse(reproduce, config)
+
+
+def run_or_refuse(pipeline: Callable[[Any], dict], config: Any) -> int:
+    """Exit status of ``pipeline(config)``: 0, or 2 with one ``refused: ...`` line when the model is untrustworthy."""
     try:
-        reproduce(config)
+        pipeline(config)
     except UntrustworthyModelError as error:
         _log(f"refused: {error}")
         return 2

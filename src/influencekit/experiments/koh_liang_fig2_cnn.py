@@ -33,7 +33,16 @@ import numpy as np
 import torch
 
 from influencekit.curvature import DenseOperator
-from influencekit.experiments.koh_liang_fig2 import UntrustworthyModelError, _correlations, _load_data, _log, _plot
+from influencekit.datasets.mnist import add_data_arguments
+from influencekit.experiments.koh_liang_fig2 import (
+    RetrainingRunConfig,
+    UntrustworthyModelError,
+    _correlations,
+    _load_data,
+    _log,
+    _plot,
+    run_or_refuse,
+)
 from influencekit.scores.influence import InfluenceFunction
 from influencekit.models.fitting import fit_to_local_optimum
 from influencekit.models.small_cnn import koh_liang_cnn
@@ -42,11 +51,9 @@ from influencekit.validation.retraining import MODES, measurements_at, retrain
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(RetrainingRunConfig):
     """Arguments of the reproduction (defaults: Koh & Liang's right panel where affordable)."""
 
-    out: Path
-    data_dir: Path | None = None
     test_index: int = 6558
     num_points: int = 100
     train_size: int | None = 5500
@@ -62,22 +69,12 @@ class CNNConfig:
     adam_epochs: int = 30
     lbfgs_max_iter: int = 300
     seed: int = 0
-    workers: int = 2
-    scheduler: str | None = None
     refit_batch_size: int = 10
-    cache_dir: Path | None = None
-    allow_untrustworthy: bool = False
-    progress: bool | None = None
 
 
 def run(config_or_args: CNNConfig | argparse.Namespace) -> int:
     config = config_or_args if isinstance(config_or_args, CNNConfig) else _config_from_args(config_or_args)
-    try:
-        reproduce(config)
-    except UntrustworthyModelError as error:
-        _log(f"refused: {error}")
-        return 2
-    return 0
+    return run_or_refuse(reproduce, config)
 
 
 def reproduce(config: CNNConfig) -> dict:
@@ -202,7 +199,7 @@ def _write_points(path: Path, chosen: list[int], labels: torch.Tensor, predicted
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = CNNConfig(out=Path("out"))
-    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST directory (default: $INFLUENCEKIT_DATA or ~/.cache/influencekit/mnist)")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--test-index", type=int, default=d.test_index)
     parser.add_argument("--num-points", type=int, default=d.num_points, help="most influential points to retrain without (default 100)")
@@ -225,7 +222,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> CNNConfig:
     return CNNConfig(
-        out=args.out, data_dir=args.data_dir, test_index=args.test_index, num_points=args.num_points, train_size=args.train_size, channels=args.channels,
+        out=args.out, data_dir=args.data_dir, download=not args.no_download, test_index=args.test_index, num_points=args.num_points, train_size=args.train_size, channels=args.channels,
         damping=args.damping, modes=[m.strip() for m in args.modes.split(",") if m.strip()], budget_steps=args.budget_steps,
         budget_lr=args.budget_lr, optimum_tol=args.tol, refit_tol=args.tol, adam_epochs=args.adam_epochs,
         lbfgs_max_iter=args.lbfgs_max_iter, seed=args.seed, workers=args.workers, scheduler=args.scheduler,

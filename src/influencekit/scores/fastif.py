@@ -78,13 +78,8 @@ ScoringMethod = Literal["auto", "gradients", "closed_form"]
 
 
 def candidate_influence(
-    objective: Objective,
-    inverse_hvp: Tensor,
-    candidates: Tensor,
-    *,
-    method: ScoringMethod = "auto",
-    chunk_size: int = 1024,
-    progress: bool | None = None,
+    objective: Objective, inverse_hvp: Tensor, candidates: Tensor, *, method: ScoringMethod = "auto",
+    chunk_size: int = 1024, progress: bool | None = None,
 ) -> Tensor:
     """Exact I_up,loss(z_i, z_test_j) = -g_i^T s_test_j of each test point's own candidates only.
 

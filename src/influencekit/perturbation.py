@@ -1,0 +1,5 @@
+"""Deprecated: moved to :mod:`influencekit.scores.perturbation` (this alias stays for one release)."""
+
+from influencekit._deprecation import moved_module
+
+moved_module(__name__, "influencekit.scores.perturbation")
