@@ -99,24 +99,28 @@ class _RefitRun:
     def on_dask(self, batches: list[list[int]], workers: int, scheduler_address: str | None) -> None:
         with dask_client(workers, scheduler_address) as client:
             # One copy of the function and the shared data per worker, not per task.
-            [payload] = client.scatter([(self.refit_fn, self.shared)], broadcast=True, hash=False)
-            pending = {client.submit(_call_refit, payload, batch, pure=False): batch for batch in batches}
+            payloads = [client.scatter([(self.refit_fn, self.shared)], broadcast=True, hash=False)[0]]
+            # each pending task -> (its batch, the index in `payloads` of the copy of the data it reads)
+            pending = {client.submit(_call_refit, payloads[0], batch, pure=False): (batch, 0) for batch in batches}
             resubmitted: dict[int, int] = {}  # first index of a batch -> times resubmitted
             try:
                 finished = as_completed(list(pending))
                 for future in finished:
-                    batch = pending.pop(future)
+                    batch, generation = pending.pop(future)
                     try:
                         outputs = future.result()
                     except FutureCancelledError as error:
-                        # A dead worker's tasks are rerun by the scheduler; this covers a result
-                        # lost with it that the scheduler then gave up on.
+                        # A dead worker's tasks are rerun by the scheduler; this covers a result lost
+                        # with it that the scheduler then gave up on ("lost dependencies" when the
+                        # scattered data went with it too).
                         if resubmitted.get(batch[0], 0) >= _RESUBMISSIONS:
                             raise
                         resubmitted[batch[0]] = resubmitted.get(batch[0], 0) + 1
                         logger.warning("Resubmitting refits %s: %s", batch[:5], error)
-                        retry = client.submit(_call_refit, payload, batch, pure=False)
-                        pending[retry] = batch
+                        if generation == len(payloads) - 1:  # the first loss seen of this copy: scatter afresh
+                            payloads.append(client.scatter([(self.refit_fn, self.shared)], broadcast=True, hash=False)[0])
+                        retry = client.submit(_call_refit, payloads[-1], batch, pure=False)
+                        pending[retry] = (batch, len(payloads) - 1)
                         finished.add(retry)
                         continue
                     self.store(batch, outputs)
