@@ -21,18 +21,18 @@ BINARIES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 _PROBE = """<script>
 window.addEventListener("load", () => {
+  // The load event waits for every image, so what it sees is final; the probe is written
+  // synchronously, before Chromium dumps the DOM (an asynchronous img.decode() could lose that race).
   const images = [...document.images];
-  Promise.all(images.map((img) => img.decode().then(() => true, () => false))).then((decoded) => {
-    const out = document.createElement("pre");
-    out.id = "probe";
-    out.textContent = JSON.stringify({
-      natural_widths: images.map((img) => img.naturalWidth),
-      decoded: decoded,
-      alts: images.map((img) => img.alt),
-      page_height: document.documentElement.scrollHeight,
-    });
-    document.body.appendChild(out);
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({
+    natural_widths: images.map((img) => img.naturalWidth),
+    decoded: images.map((img) => img.complete && img.naturalWidth > 0),
+    alts: images.map((img) => img.alt),
+    page_height: document.documentElement.scrollHeight,
   });
+  document.body.appendChild(out);
 });
 </script>"""
 
@@ -56,8 +56,9 @@ def open_alone(report: Path, workdir: Path, width: int = 1280, height: int = 240
     """Copy ``report`` alone into an empty folder, open it there, and return (DOM probe, screenshot RGB array).
 
     The probe is read from ``--dump-dom`` of a copy with one script appended that,
-    after the load event, decodes every ``<img>`` and writes their ``naturalWidth``,
-    the outcome of ``img.decode()`` and the page height into the DOM. The screenshot
+    at the load event (which waits for every image), writes each ``<img>``'s
+    ``naturalWidth``, whether it loaded and decoded (``complete`` with a non-zero
+    width) and the page height into the DOM. The screenshot
     (``width`` x ``height``) is of the unmodified copy.
     """
     from matplotlib.image import imread
