@@ -3,27 +3,14 @@
 import pytest
 import torch
 
-from influencekit import SoftmaxRegressionObjective
-from influencekit.curvature import CurvatureOperator, DenseOperator, HessianOperator
+from influencekit.curvature import CurvatureOperator, DenseOperator
 from influencekit.solvers import (
     BlockCGSolver,
     CGSolver,
     JacobiPreconditioner,
     NystromPreconditioner,
 )
-
-F64 = torch.float64
-DAMPING = 1e-5
-
-
-def ill_conditioned_hessian(n: int = 200, d: int = 12, c: int = 4, seed: int = 0) -> HessianOperator:
-    """Softmax regression whose inputs have condition number ~1e4 (feature scales 1 .. 1e-4); p = c d = 48."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen, dtype=F64) * torch.logspace(0, -4, d, dtype=F64)
-    assert torch.linalg.cond(x) >= 1e4
-    y = torch.randint(0, c, (n,), generator=gen)
-    w = 0.5 * torch.randn(c, d, generator=gen, dtype=F64)
-    return HessianOperator(SoftmaxRegressionObjective(w, x, y, weight_decay=1e-6))
+from solver_problems import DAMPING, exact_solution, F64, ill_conditioned_hessian
 
 
 def spd_operator(p: int = 30, seed: int = 1) -> DenseOperator:
@@ -33,11 +20,6 @@ def spd_operator(p: int = 30, seed: int = 1) -> DenseOperator:
     scale = torch.logspace(0, -2, p, dtype=F64)
     matrix = (q * torch.logspace(0, -3, p, dtype=F64)) @ q.T
     return DenseOperator(scale[:, None] * matrix * scale[None, :])
-
-
-def exact_solution(curvature: CurvatureOperator, damping: float, rhs: torch.Tensor) -> torch.Tensor:
-    damped = curvature.to_dense() + damping * torch.eye(curvature.dim, dtype=F64)
-    return torch.linalg.solve(damped, rhs.T).T
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
