@@ -85,3 +85,14 @@ def real_mnist_dir() -> Path:
             f"or set {DATA_DIR_ENV} to a directory holding it"
         )
     return directory
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: intra-op threads only add overhead (and contend on shared CPUs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

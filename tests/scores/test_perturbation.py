@@ -12,13 +12,7 @@ DTYPE = torch.float64
 N, WD = 11, 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors are tiny: intra-op threads only add overhead (and contend on shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see tests/conftest.py
 
 
 def make_problem():
