@@ -15,6 +15,7 @@ from influencekit.curvature import (
     blocks_per_tensor,
 )
 from influencekit.solvers.block_diagonal import BlockDiagonalSolver
+from minimum import train_to_minimum
 
 DTYPE = torch.float64
 N, WD, P = 13, 0.05, 43
@@ -55,17 +56,7 @@ def setup():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (N,), generator=gen)
-    optimizer = torch.optim.LBFGS(
-        model.parameters(), max_iter=400, tolerance_grad=1e-12, tolerance_change=1e-16, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        value = F.cross_entropy(model(x), y) + 0.5 * WD * sum((p**2).sum() for p in model.parameters())
-        value.backward()
-        return value
-
-    optimizer.step(closure)
+    train_to_minimum(model, x, y, WD)
     objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=WD, chunk_size=5)
     theta = objective.parameters_vector()
     hessian = explicit_hessian(theta, x, y, torch.arange(N))

@@ -13,6 +13,7 @@ from torch import nn
 
 from influencekit import CGSolver, DirectSolver, HessianOperator, LiSSASolver, SoftmaxRegressionObjective, TorchObjective
 from influencekit.curvature import BlockDiagonalOperator, EmpiricalFisherOperator, GaussNewtonOperator, blocks_per_module
+from minimum import train_to_minimum
 
 DTYPE = torch.float64
 N, WD = 13, 0.05
@@ -178,17 +179,7 @@ def test_empirical_fisher_matches_outer_products_of_loop_gradients(loss):
 def make_trained_objective() -> TorchObjective:
     """The MLP trained to a minimum of the regularised objective, so its Hessian is positive definite."""
     model, (x, y) = make_mlp(), make_data("cross_entropy")
-    optimizer = torch.optim.LBFGS(
-        model.parameters(), max_iter=400, tolerance_grad=1e-12, tolerance_change=1e-16, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        value = F.cross_entropy(model(x), y) + 0.5 * WD * sum((p**2).sum() for p in model.parameters())
-        value.backward()
-        return value
-
-    optimizer.step(closure)
+    train_to_minimum(model, x, y, WD)
     objective = TorchObjective(model, "cross_entropy", (x, y), weight_decay=WD, chunk_size=5)
     assert objective.objective_gradient().norm() < 1e-6
     return objective
