@@ -266,6 +266,8 @@ class KFACCurvature(CurvatureOperator):
         n_examples, fit_seconds: of the fit.
     """
 
+    SAVED_CLASS = _SAVED_CLASS
+
     def __init__(
         self,
         objective: Any,
@@ -499,7 +501,18 @@ class KFACCurvature(CurvatureOperator):
         output_hessian: str | OutputHessianFactor | None = None,
     ) -> KFACCurvature:
         """The approximation with the factors saved in ``directory``, for ``objective`` (same parameters and data size)."""
-        tensors, arguments = load_saved(directory, _SAVED_CLASS)
+        return cls.from_saved(*load_saved(directory, _SAVED_CLASS), objective, output_hessian=output_hessian)
+
+    @classmethod
+    def from_saved(
+        cls,
+        tensors: Mapping[str, Tensor],
+        arguments: Mapping[str, Any],
+        objective: Any,
+        *,
+        output_hessian: str | OutputHessianFactor | None = None,
+    ) -> KFACCurvature:
+        """The approximation from what :meth:`save` wrote (as ``persistence.load_saved`` returns it), for ``objective``."""
         space = objective.space
         saved = (arguments["parameter_names"], arguments["parameter_shapes"])
         if saved != (list(space.names), [list(shape) for shape in space.shapes]):

@@ -20,7 +20,7 @@ from torch import Tensor
 from influencekit.curvature.base import CurvatureOperator
 from influencekit.curvature.kfac import KFACCurvature, OutputHessianFactor
 from influencekit.linalg import check_directions
-from influencekit.persistence import load_tensors
+from influencekit.persistence import load_saved
 from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult, Solver, damping_per_block
 
 
@@ -152,7 +152,7 @@ class KFACSolver(Solver):
         **curvature_options: Any,
     ) -> KFACSolver:
         """A solver with the factors and damping saved in ``directory``, for ``objective``; ``curvature_options``
-        go to :meth:`KFACCurvature.load` (``output_hessian``)."""
-        approximation = KFACCurvature.load(directory, objective, **curvature_options)
-        damping = load_tensors(directory)[1].get("damping", 0.0)
-        return cls(approximation, damping=damping, residual_operator=residual_operator)
+        go to :meth:`KFACCurvature.from_saved` (``output_hessian``)."""
+        tensors, arguments = load_saved(directory, KFACCurvature.SAVED_CLASS)
+        approximation = KFACCurvature.from_saved(tensors, arguments, objective, **curvature_options)
+        return cls(approximation, damping=arguments.get("damping", 0.0), residual_operator=residual_operator)
