@@ -19,12 +19,12 @@ in the same run, so that a loaded machine lowers limit and measurement alike.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from timing import wall_times
 
 
 class MeanPool(nn.Module):
@@ -33,13 +33,8 @@ class MeanPool(nn.Module):
 
 
 def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """The fastest of ``repeats`` timed calls (after a warm-up)."""
+    return min(wall_times(fn, repeats))
 
 
 def main() -> None:

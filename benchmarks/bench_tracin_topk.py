@@ -49,6 +49,7 @@ from torch import nn
 from influencekit.experiments.fastif_recall import fit_w1
 from influencekit.search import InnerProductIndex, LastLayerFactorIndex
 from influencekit.tracin import GaussianProjection, LastLayerTracIn, embedding_dim, influence_embeddings
+from timing import wall_times
 
 
 def cross_entropy_losses(model_call: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -81,13 +82,7 @@ def sgd_mlp_tracin(x: torch.Tensor, y: torch.Tensor, epochs: int, hidden: int) -
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` in milliseconds over ``repeats`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(wall_times(fn, repeats))
 
 
 def main() -> None:
