@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from influencekit.memory import peak_rss_mb
 
 
 def load_w1(data_dir: Path):

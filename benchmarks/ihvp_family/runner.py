@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from influencekit.memory import peak_rss_mb
 from influencekit.scores.influence import InfluenceFunction
 
 from .context import Context
@@ -27,11 +27,6 @@ from .util import json_default, log
 from .workloads import ITERATION_BAR_RTOL, Spec
 
 ENTRY_POINT = Path(__file__).resolve().parent.parent / "bench_ihvp_family.py"  # its --worker mode runs worker_main
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory (ru_maxrss; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -51,7 +46,7 @@ def run_method(ctx: Context, spec: Spec) -> dict[str, Any]:
 
     Solve = test gradient and iHVP, as ``InfluenceFunction.scores`` does; score = I_up,loss of all n training points.
     """
-    out: dict[str, Any] = {"baseline_mb": peak_mb()}
+    out: dict[str, Any] = {"baseline_mb": peak_rss_mb()}
     start = time.perf_counter()
     solver, objective, notes = build_solver(ctx, spec)
     fitted = time.perf_counter()
@@ -60,12 +55,12 @@ def run_method(ctx: Context, spec: Spec) -> dict[str, Any]:
     scores = -objective.train_gradient_dots(result.solution)[0]
     scored = time.perf_counter()
     out.update(fit_s=fitted - start, solve_s=solved - fitted, score_s=scored - solved, seconds=scored - start)
-    out["peak_mb"] = peak_mb()
+    out["peak_mb"] = peak_rss_mb()
     rhs_norm = float(objective.measurement_gradients(ctx.test)[0].norm())
     notes.update(solve_notes(spec, result, rhs_norm))
     if spec.method == "exact":
         notes.update(spectrum_notes(solver))
-        out["peak_mb"] = max(out["peak_mb"], peak_mb())
+        out["peak_mb"] = max(out["peak_mb"], peak_rss_mb())
     out["notes"] = notes
     out.update(compare(ctx, spec, result.solution[0].detach(), scores))
     return out
@@ -126,7 +121,7 @@ def run_row(cfg: dict, spec: Spec) -> dict[str, Any]:
     t0 = time.perf_counter()
     ctx = Context(cfg)
     if spec.method == "baseline":
-        return {"status": "ok", "seconds": time.perf_counter() - t0, "peak_mb": peak_mb(),
+        return {"status": "ok", "seconds": time.perf_counter() - t0, "peak_mb": peak_rss_mb(),
                 "notes": {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}}
     if ctx.reference_for(spec.curvature) not in ctx.references:
         log(f"{spec.key}: no {ctx.reference_for(spec.curvature)} reference; errors are against what exists")
@@ -147,7 +142,7 @@ def worker_main(job_path: str) -> int:
             result.update(run_row(cfg, spec))
     except BaseException as error:  # noqa: BLE001 - every failure becomes a row
         result.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(),
-                      peak_mb=peak_mb())
+                      peak_mb=peak_rss_mb())
         log(f"{spec.key}: FAILED: {result['error']}")
     Path(job["result"]).write_text(json.dumps(result, default=json_default))
     return 0

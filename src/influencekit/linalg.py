@@ -10,7 +10,9 @@ MKL's 20, and a Cholesky solve with 50 right-hand sides in 0.30 s against
 0.54 s (``benchmarks/RESULTS.md``). The closed-form paths (softmax regression,
 its exact leave-one-out refits, the direct solver) use these two functions for
 their large products; autograd paths stay in torch. Results are tensors that
-share memory with the numpy outputs; inputs are never modified.
+share memory with the numpy outputs; inputs are never modified, except by the
+in-place :func:`symmetrize_` and :class:`PackedCholesky`, which take the matrix over
+so that a p x p matrix never needs a second copy.
 """
 
 from __future__ import annotations
@@ -60,3 +62,66 @@ def check_directions(directions: Tensor, dim: int, name: str = "vectors") -> Ten
     if directions.dim() != 2 or directions.shape[1] != dim:
         raise ValueError(f"{name} must have shape (k, {dim}), got {tuple(directions.shape)}")
     return directions
+
+
+def symmetrize_(matrix: Tensor, block: int = 1024) -> Tensor:
+    """Replace a square matrix by (M + M^T) / 2 in place, ``block`` x ``block`` tiles at a time; returns it.
+
+    Curvatures built from products with unit vectors are symmetric only up to
+    round-off; this removes the asymmetry without the two p x p temporaries of
+    ``0.5 * (M + M.T)``.
+    """
+    p = matrix.shape[0]
+    for i in range(0, p, block):
+        for j in range(i, p, block):
+            upper, lower = matrix[i : i + block, j : j + block], matrix[j : j + block, i : i + block]
+            mean = 0.5 * (upper + lower.T)
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return matrix
+
+
+class PackedCholesky:
+    """A symmetric matrix M and the Cholesky factor L of M + shift I in M's own p x p memory.
+
+    LAPACK's layout trick: the factorisation overwrites one triangle and leaves the
+    other, so the row-major buffer holds L in its lower triangle and M's strict
+    upper triangle above it; M's diagonal is kept apart (p numbers). Solves read
+    L, products with M read the upper triangle (BLAS symm), and nothing of size
+    p^2 is ever copied: half the memory of keeping M and L separately.
+
+    Args:
+        matrix: symmetric float matrix (p, p), C-contiguous; it is taken over (overwritten).
+        shift: added to the diagonal before factorising (damping).
+
+    Attributes:
+        info: 0 on success, else the order k > 0 of the first leading minor of
+            M + shift I that is not positive definite (the buffer is then unusable).
+    """
+
+    def __init__(self, matrix: Tensor, shift: float = 0.0):
+        array = _numpy_view(matrix)
+        if array is None or not array.flags.c_contiguous or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError("PackedCholesky needs a square, C-contiguous float32/float64 CPU matrix")
+        self.buffer = matrix
+        self.diagonal = matrix.diagonal().clone()
+        self._lapack = scipy.linalg.get_lapack_funcs("potrf", (array,))
+        self._symm = scipy.linalg.get_blas_funcs("symm", (array,))
+        matrix.diagonal().add_(shift)
+        # The column-major view is the same symmetric matrix; its upper factor U (U^T U) read row-major is L.
+        _, self.info = self._lapack(array.T, lower=0, overwrite_a=1, clean=0)
+        self.info = int(self.info)
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """Rows x_j = (M + shift I)^{-1} b_j; rhs (k, p) -> (k, p)."""
+        return cholesky_solve(self.buffer, rhs)
+
+    def matvec(self, vectors: Tensor) -> Tensor:
+        """Rows M v_j (without the shift); vectors (k, p) -> (k, p)."""
+        factor_diagonal = self.buffer.diagonal().clone()
+        self.buffer.diagonal().copy_(self.diagonal)
+        try:  # column-major view: M's triangle is the lower one
+            product = self._symm(1.0, self.buffer.numpy().T, np.asfortranarray(vectors.to(self.buffer.dtype).numpy().T), side=0, lower=1)
+        finally:
+            self.buffer.diagonal().copy_(factor_diagonal)
+        return torch.from_numpy(np.ascontiguousarray(product.T))

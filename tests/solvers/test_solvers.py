@@ -17,7 +17,7 @@ from influencekit import (
     SoftmaxRegressionObjective,
     TorchObjective,
 )
-from influencekit.curvature import extreme_eigenvalues, spectrum_summary
+from influencekit.curvature import CurvatureOperator, extreme_eigenvalues, spectrum_summary
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,3 +205,38 @@ def test_spectrum_summary_counts_and_lanczos_extremes():
     eig = torch.linspace(0.1, 9.0, 40, dtype=torch.float64)
     lo, hi = extreme_eigenvalues(DenseOperator(q @ torch.diag(eig) @ q.T))
     assert lo == pytest.approx(0.1, rel=1e-8) and hi == pytest.approx(9.0, rel=1e-8)
+
+
+def test_direct_factorised_in_place_equals_the_explicit_solve_and_measures_exact_residuals():
+    objective, h = linear_regression(300, 10, 1e3, 1e-3)
+    rhs = torch.randn(4, 10, dtype=torch.float64)
+    curvature = HessianOperator(objective)
+    damping = 1e-2
+    expected = torch.linalg.solve(h + damping * torch.eye(10, dtype=torch.float64), rhs.T).T
+    in_place = DirectSolver(curvature, damping=damping, overwrite_matrix=True)
+    result = in_place.solve(rhs)
+    assert rel_err(result.solution, expected) <= 1e-10
+    true_residuals = ((h + damping * torch.eye(10, dtype=torch.float64)) @ result.solution.T).T - rhs
+    assert torch.allclose(result.residual_norms, true_residuals.norm(dim=1), rtol=0, atol=1e-12)
+    assert in_place.matrix is None
+    with pytest.raises(ValueError, match="in place"):
+        in_place.spectrum()
+    with pytest.raises(ValueError, match="DenseOperator"):
+        DirectSolver(DenseOperator(h), overwrite_matrix=True)
+
+
+def test_direct_factorised_in_place_still_names_the_damping_that_fixes_an_indefinite_curvature():
+    eigenvalues = torch.tensor([-0.5, -0.01, 0.2, 1.0, 3.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    matrix = q @ torch.diag(eigenvalues) @ q.T
+
+    class Products(CurvatureOperator):  # builds a fresh matrix from products, as Hessian operators do
+        dim, dtype = 5, torch.float64
+
+        def matvec(self, vectors):
+            return vectors @ matrix
+
+    with pytest.raises(NotPositiveDefiniteError) as excinfo:
+        DirectSolver(Products(), overwrite_matrix=True)
+    assert excinfo.value.smallest == pytest.approx(-0.5, rel=1e-10)
+    assert len(excinfo.value.negative_eigenvalues) == 2

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from influencekit.linalg import check_directions
+from influencekit.linalg import check_directions, symmetrize_
 
 
 class CurvatureOperator(ABC):
@@ -26,7 +26,7 @@ class CurvatureOperator(ABC):
         """The explicit matrix (p, p), from products with ``block`` unit vectors at a time."""
         eye = torch.eye(self.dim, dtype=self.dtype)
         dense = torch.cat([self.matvec(eye[i : i + block]) for i in range(0, self.dim, block)])
-        return 0.5 * (dense + dense.T)
+        return symmetrize_(dense)
 
     def __matmul__(self, vectors: Tensor) -> Tensor:
         return self.matvec(vectors)

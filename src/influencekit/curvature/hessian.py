@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator
+from influencekit.linalg import symmetrize_
 from influencekit.objectives.base import Objective
 
 
@@ -29,5 +30,4 @@ class HessianOperator(CurvatureOperator):
         return self.objective.sampled_hvp(indices, vectors)
 
     def to_dense(self, block: int = 512) -> Tensor:
-        dense = self.objective.hessian()
-        return 0.5 * (dense + dense.T)
+        return symmetrize_(self.objective.hessian())

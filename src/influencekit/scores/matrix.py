@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import signal
 import sys
 import time
@@ -49,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from influencekit.data import batch_size, index_batch
+from influencekit.memory import peak_rss_mb
 from influencekit.objectives.base import Objective
 from influencekit.tasks import Task, load_task
 
@@ -115,11 +115,6 @@ class ScoreRunReport:
     score_blocks_total: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cache_dir_for(out: Path) -> Path:
@@ -196,11 +191,8 @@ def _solver(spec: ScoreMatrixSpec, objective: Objective):
     from influencekit.solvers.cg import CGSolver
     from influencekit.solvers.direct import DirectSolver
 
-    if spec.solver == "exact":
-        dense = objective.hessian()
-        if not torch.equal(dense, dense.T):  # from Hessian-vector products: symmetric up to round-off
-            dense = 0.5 * (dense + dense.T)
-        return DirectSolver(dense, damping=spec.damping)
+    if spec.solver == "exact":  # one p x p matrix in memory: factorised in place, residuals by HVPs
+        return DirectSolver(HessianOperator(objective), damping=spec.damping, overwrite_matrix=True)
     return CGSolver(HessianOperator(objective), damping=spec.damping, rtol=spec.rtol)
 
 
