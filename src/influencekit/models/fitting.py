@@ -15,8 +15,8 @@ evidence says otherwise:
 4. Newton steps from the eigendecomposition of the explicit Hessian H (p x p,
    float64; p Hessian-vector products over the data), "saddle-free" where H is
    indefinite (|eigenvalues|, plus a move along the most negative curvature
-   direction: a reduced run of the old Levenberg-shifted Newton ended at a saddle
-   with 25 negative eigenvalues), with a line search so R never increases. One
+   direction: a reduced run of the old Levenberg-shifted Newton stalled at
+   ||grad R|| = 0.006 with 25 negative eigenvalues), with a line search so R never increases. One
    Hessian serves several (chord) steps while the gradient norm contracts at
    least 10x per step, until ||grad R|| <= ``tol`` with H positive definite. The
    last Hessian is the one at theta_hat.

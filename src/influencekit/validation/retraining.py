@@ -20,8 +20,8 @@ from the trained theta_hat. Three modes, reported separately:
     m right-hand sides, and their gradients are one vmapped data pass. H differs
     from the Hessian of R_{-G} by O(|G|/n), so the gradient norm shrinks by about
     that factor per step. A refit whose gradient norm shrinks by less than 10x in a
-    step (on a small MLP with weak weight decay, points whose removal moves theta by
-    0.6) starts again from theta_hat with its own matrix: the Hessian of R_{-G} at
+    step (on the tanh MLP of the tests, points whose removal moves theta by ~0.6)
+    starts again from theta_hat with its own matrix: the Hessian of R_{-G} at
     theta_hat, (n H - sum_G hess L_i) / (n - |G|) + mu I (p Hessian-vector products
     over the group only), refreshed at the current iterate (p HVPs over the data)
     whenever contraction is slow again (a frozen Hessian stalled there).
