@@ -50,6 +50,19 @@ def test_true_mode_matches_ridge_leave_one_out_closed_form():
         assert r["removed"] == [i] and r["seconds"] > 0
 
 
+def test_true_mode_refits_share_one_factor_when_they_contract_fast(monkeypatch):
+    # n = 400: H differs from each refit's Hessian by O(1/n), so the shared chord steps converge
+    # and no refit needs a Hessian of its own
+    x, y = _ridge(n=400)
+    objective = _ridge_objective(x, y)
+    monkeypatch.setattr(RetrainingProblem, "_removed_hessian_factor", lambda *args: pytest.fail("per-refit Hessian built"))
+    refits = retrain(objective, [0, 7, 399], mode="true", tol=1e-12)
+    for i, r in refits.items():
+        expected, _ = _ridge_solution(x, y, _keep(len(y), [i]))
+        assert r["converged"] and 2 <= r["steps"] <= 10
+        torch.testing.assert_close(r["theta"], expected, rtol=0, atol=1e-11)
+
+
 def test_leave_a_group_out_matches_closed_form_on_dask():
     x, y = _ridge()
     objective = _ridge_objective(x, y)

@@ -5,7 +5,8 @@ Pipeline:
     55,000) training points; test image 6558.
  2. :func:`~influencekit.models.small_cnn.koh_liang_cnn` (2,616 parameters),
     weight decay 0.001, trained to a verified local optimum in float64
-    (:func:`~influencekit.models.fitting.fit_to_local_optimum`): ||grad R||, the
+    (:func:`~influencekit.models.fitting.fit_to_local_optimum`: Adam, L-BFGS,
+    Levenberg-Marquardt on the Gauss-Newton matrix, saddle-free Newton): ||grad R||, the
     explicit Hessian's extreme eigenvalues and its number of negative ones are
     reported, with the damping that would make H + lambda I positive definite.
  3. Predicted change on removal, -(1/n) I_up,loss, by CG on (H + damping I)
@@ -68,6 +69,7 @@ class CNNConfig(RetrainingRunConfig):
     budget_lr: float | None = None
     adam_epochs: int = 30
     lbfgs_max_iter: int = 300
+    gauss_newton_steps: int = 100
     seed: int = 0
     refit_batch_size: int = 10
 
@@ -91,7 +93,7 @@ def reproduce(config: CNNConfig) -> dict:
     torch.manual_seed(config.seed)
     fit = fit_to_local_optimum(
         koh_liang_cnn(config.channels), "cross_entropy", x, y, config.weight_decay, tol=config.optimum_tol, adam_epochs=config.adam_epochs,
-        lbfgs_max_iter=config.lbfgs_max_iter, seed=config.seed, log=_log,
+        lbfgs_max_iter=config.lbfgs_max_iter, max_gauss_newton_steps=config.gauss_newton_steps, seed=config.seed, log=_log,
     )
     objective, hessian, spectrum = fit.objective, fit.hessian, fit.spectrum
     test_accuracy = float((objective.outputs(objective.theta, (x_test.double(), y_test)).argmax(1) == y_test).double().mean())
@@ -212,6 +214,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, default=d.refit_tol, help="gradient-norm tolerance of the optimum and of the refits")
     parser.add_argument("--adam-epochs", type=int, default=d.adam_epochs)
     parser.add_argument("--lbfgs-max-iter", type=int, default=d.lbfgs_max_iter)
+    parser.add_argument("--gauss-newton-steps", type=int, default=d.gauss_newton_steps,
+                        help="most Levenberg-Marquardt steps with the explicit Gauss-Newton matrix before exact Newton")
     parser.add_argument("--workers", type=int, default=d.workers, help="Dask LocalCluster workers (0: in-process)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (overrides --workers)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="refit cache (default OUT/refits); reruns resume from it")
@@ -225,6 +229,6 @@ def _config_from_args(args: argparse.Namespace) -> CNNConfig:
         out=args.out, data_dir=args.data_dir, download=not args.no_download, test_index=args.test_index, num_points=args.num_points, train_size=args.train_size, channels=args.channels,
         damping=args.damping, modes=[m.strip() for m in args.modes.split(",") if m.strip()], budget_steps=args.budget_steps,
         budget_lr=args.budget_lr, optimum_tol=args.tol, refit_tol=args.tol, adam_epochs=args.adam_epochs,
-        lbfgs_max_iter=args.lbfgs_max_iter, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
+        lbfgs_max_iter=args.lbfgs_max_iter, gauss_newton_steps=args.gauss_newton_steps, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
         cache_dir=args.cache_dir, allow_untrustworthy=args.allow_untrustworthy, progress=False if args.no_progress else None,
     )
