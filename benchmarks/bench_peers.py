@@ -50,10 +50,12 @@ def rows(workload: str) -> list[dict[str, Any]]:
         return [
             dict(label="influencekit CG (TorchObjective), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
             dict(label="influencekit CG (closed form), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5, "closed_form": True}),
+            dict(label="influencekit CG (TorchObjective, one chunk of n), rtol 1e-5", library=ik, method="any",
+                 params={"method": "cg", "rtol": 1e-5, "objective_chunk": W1_N}),
             dict(label="influencekit CG (TorchObjective), rtol 5e-5", library=ik, method="any", params={"method": "cg", "rtol": 5e-5}),
             dict(label="dattri CG, max_iter 50", library="dattri", method="cg", params={"max_iter": 50}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
-            dict(label="pyDVL CG, rtol 1e-5", library="pydvl", method="cg", params={"rtol": 1e-5, "batch_size": 5500}),
+            dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 5500}),
             dict(label="influencekit LiSSA, depth 1000, B 100, T 1", library=ik, method="any",
                  params={"method": "lissa", "scale": "auto", "depth": 1000, "repeats": 1, "batch_size": 100}),
             dict(label="dattri LiSSA, depth 1000, B 100, T 1", library="dattri", method="lissa",
@@ -80,7 +82,7 @@ def rows(workload: str) -> list[dict[str, Any]]:
         return [
             dict(label="influencekit CG (Hessian), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
-            dict(label="pyDVL CG, rtol 1e-5", library="pydvl", method="cg", params={"rtol": 1e-5, "batch_size": 1000}),
+            dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 1000}),
             dict(label="influencekit LiSSA, depth 1000, B 100", library=ik, method="any",
                  params={"method": "lissa", "scale": "auto", "depth": 1000, "repeats": 1, "batch_size": 100}),
             dict(label="dattri LiSSA, depth 1000, B 100", library="dattri", method="lissa",
@@ -105,7 +107,7 @@ def rows(workload: str) -> list[dict[str, Any]]:
     return [
         dict(label="influencekit CG, rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
         dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
-        dict(label="pyDVL CG, rtol 1e-5", library="pydvl", method="cg", params={"rtol": 1e-5, "batch_size": 500}),
+        dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 500}),
         dict(label="influencekit LiSSA, depth 1000, B 50", library=ik, method="any",
              params={"method": "lissa", "scale": "auto", "depth": 1000, "repeats": 1, "batch_size": 50}),
         dict(label="dattri LiSSA, depth 1000, B 50", library="dattri", method="lissa",
@@ -208,11 +210,16 @@ def hvp_race(args: argparse.Namespace, cfg: dict) -> str:
     v = torch.randn(1, objective.dim, generator=torch.Generator().manual_seed(0), dtype=ctx.dtype)
     operator.matvec(v)
     setup = time.perf_counter() - start
+    from influencekit.objectives.torch_objective import TorchObjective
+
+    one_chunk = HessianOperator(TorchObjective(ctx.model, "cross_entropy", (ctx.x, ctx.y), weight_decay=ctx.weight_decay,
+                                               chunk_size=ctx.n))
     theta = objective.parameters_vector()
     ctx.closed_form = True
     closed = HessianOperator(ctx.objective("hessian"))
     dattri = {mode: hvp_at_x(lambda t: ctx.regularised_loss(t, ctx.x, ctx.y), x=(theta,), mode=mode) for mode in ("rev-rev", "rev-fwd")}
-    fns = {"influencekit TorchObjective (retained graphs)": lambda: operator.matvec(v),
+    fns = {f"influencekit TorchObjective (retained graphs, chunks of {cfg['chunk_size']:,})": lambda: operator.matvec(v),
+           f"influencekit TorchObjective (retained graphs, one chunk of {ctx.n:,})": lambda: one_chunk.matvec(v),
            "influencekit closed form": lambda: closed.matvec(v),
            "dattri hvp_at_x rev-rev": lambda: dattri["rev-rev"](v[0]),
            "dattri hvp_at_x rev-fwd": lambda: dattri["rev-fwd"](v[0])}

@@ -64,8 +64,12 @@ def _flat_parameters(tensors) -> torch.Tensor:
 # -- influencekit ------------------------------------------------------------------------------------------------------
 def influencekit(ctx: PeerContext, params: dict) -> Solved:
     """Any ``ihvp_family`` method (``params["method"]``: cg, lissa, arnoldi, kfac, ekfac, datainf, ...) on the
-    generic ``TorchObjective`` (``closed_form: true``: W1's closed-form objective)."""
+    generic ``TorchObjective`` (``closed_form: true``: W1's closed-form objective; ``objective_chunk``: the
+    TorchObjective's chunk size, rebuilt inside the timed call, instead of the workload's)."""
     ctx.closed_form = bool(params.get("closed_form", False))
+    if "objective_chunk" in params:
+        ctx.cfg = {**ctx.cfg, "chunk_size": params["objective_chunk"]}
+        ctx._torch_objective = None
     spec = Spec(ctx.name, params["method"], params.get("curvature", "hessian"), "peers", dict(params))
     solver, objective, notes = build_solver(ctx, spec)
     result = InfluenceFunction(objective, solver, allow_unconverged=True).inverse_hvp_of_test(ctx.test)
