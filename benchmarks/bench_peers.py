@@ -81,7 +81,9 @@ def rows(workload: str) -> list[dict[str, Any]]:
     if workload == "w2":
         return [
             dict(label="influencekit CG (Hessian), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
+            dict(label="influencekit CG (Hessian), rtol 1e-4", library=ik, method="any", params={"method": "cg", "rtol": 1e-4}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
+            dict(label="dattri CG, max_iter 150", library="dattri", method="cg", params={"max_iter": 150}),
             dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 1000}),
             dict(label="influencekit LiSSA, depth 1000, B 100", library=ik, method="any",
                  params={"method": "lissa", "scale": "auto", "depth": 1000, "repeats": 1, "batch_size": 100}),

@@ -22,7 +22,7 @@ from influencekit.models.small_cnn import koh_liang_cnn
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
 from influencekit.objectives.torch_objective import TorchObjective
 
-from ihvp_family.cache import fingerprint, load_cached, load_data, load_mnist_subset, reference_path, save_cached, w1_weights_path, w2_model_path
+from ihvp_family.cache import fingerprint, load_cached, load_mnist_subset, reference_path, save_cached, w1_weights_path, w2_model_path
 from ihvp_family.context import Context
 from ihvp_family.util import log
 

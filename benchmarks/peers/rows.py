@@ -96,7 +96,8 @@ def dattri_lissa(ctx: PeerContext, params: dict) -> Solved:
     theta = ctx.torch_objective.parameters_vector()
     scaling = params["scaling"]
     torch.manual_seed(0)
-    ihvp = ihvp_at_x_lissa(ctx.regularised_loss, theta, ctx.x, ctx.y, in_dims=(None, 0, 0),
+    # dattri sets requires_grad on every input, which integer labels refuse: pass them as floats, cast back inside
+    ihvp = ihvp_at_x_lissa(lambda t, x, y: ctx.regularised_loss(t, x, y.long()), theta, ctx.x, ctx.y.to(ctx.dtype), in_dims=(None, 0, 0),
                            batch_size=params["batch_size"], num_repeat=params["repeats"],
                            recursion_depth=params["depth"], damping=ctx.damping / scaling, scaling=scaling)
     return Solved(ihvp=ihvp(ctx.test_gradient())[0])
