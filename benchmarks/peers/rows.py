@@ -183,7 +183,7 @@ def captum_arnoldi(ctx: PeerContext, params: dict) -> Solved:
             model, _loader(ctx, params["batch_size"]), str(checkpoint), loss_fn=nn.CrossEntropyLoss(reduction="none"),
             batch_size=params["batch_size"], projection_dim=params["projection_dim"], arnoldi_dim=params["arnoldi_dim"],
             hessian_reg=params.get("hessian_reg", _regularization(ctx)), seed=0)
-    factors = torch.stack([_flat_parameters(columns) for columns in zip(*influence.R)])  # (k, p)
+    factors = torch.stack([_flat_parameters(vector) for vector in influence.R])  # R: k tuples of per-parameter tensors -> (k, p)
     g = ctx.test_gradient()
     ihvp = factors.T @ (factors @ g)
 
