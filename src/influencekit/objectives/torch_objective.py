@@ -271,10 +271,16 @@ class TorchObjective:
             raise ValueError(f"need one mini-batch per vector: indices {tuple(indices.shape)} vs vectors {tuple(vectors.shape)}")
         batches = reshape_leading(self._prepare(self.train.gather(indices), "training data", indices), (k, b))
 
-        def one(batch: Batch, v: Tensor) -> Tensor:
-            return jvp(grad(lambda t: self.losses(t, batch).mean()), (self.theta,), (v,))[1]
-
-        return vmap(one)(batches, vectors) + self.weight_decay * vectors
+        # One copy of theta per vector: the gradient of sum_j mean_{B_j} l(theta_j) has rows grad R_{B_j},
+        # and differentiating sum_j <grad R_{B_j}, v_j> again gives the rows H_{B_j} v_j. Only the forward
+        # pass is vmapped: 1.5-4x faster per LiSSA step than vmap(jvp(grad)), whose transforms cost more
+        # than the few FLOPs of a mini-batch.
+        thetas = self.theta.detach().expand(k, -1).clone().requires_grad_()
+        with torch.enable_grad():
+            means = vmap(lambda theta, batch: self.losses(theta, batch).mean())(thetas, batches)
+            (gradients,) = torch.autograd.grad(means.sum(), thetas, create_graph=True)
+            (products,) = torch.autograd.grad((gradients * vectors).sum(), thetas)
+        return products + self.weight_decay * vectors
 
     def hessian(self, block: int = 256) -> Tensor:
         """Explicit Hessian of R, built from HVPs with ``block`` unit vectors at a time."""
