@@ -134,11 +134,16 @@ class DataSource:
     def __len__(self) -> int:
         return self.n
 
-    def chunks(self) -> Iterator[Batch]:
-        """Yield the data set as consecutive batches covering every example once."""
+    def chunks(self, size: int | None = None) -> Iterator[Batch]:
+        """Yield the data set as consecutive batches covering every example once.
+
+        In-memory data comes in views of ``size`` rows (default ``chunk_size``); a
+        loader yields its own batches whatever ``size`` says.
+        """
         if self._tensors is not None:
-            for start in range(0, self.n, self.chunk_size):
-                yield index_batch(self._tensors, slice(start, start + self.chunk_size))
+            size = size or self.chunk_size
+            for start in range(0, self.n, size):
+                yield index_batch(self._tensors, slice(start, start + size))
         else:
             start, count = 0, 0
             for batch in self._loader:  # type: ignore[union-attr]

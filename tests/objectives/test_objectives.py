@@ -77,8 +77,9 @@ def test_explicit_hessian_matches_torch_autograd_hessian():
     torch.testing.assert_close(objective.hessian(block=7), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("budget_chunks", [0, 2, None])  # no chunk cached, the first 2 of 4, all
-def test_hvp_with_retained_gradient_graphs_is_the_hessian(budget_chunks):
+@pytest.mark.parametrize("budget_chunks", [0, 2, None])  # no chunk cached, the first 2 of 4, all (in 2 groups)
+def test_hvp_with_retained_gradient_graphs_is_the_hessian(budget_chunks, monkeypatch):
+    monkeypatch.setattr("influencekit.objectives.torch_objective.HVP_GRAPH_ROWS", 12)  # 2 chunks of 6 per graph
     model, (x, y) = make_mlp(), make_data()
     probe = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.05, chunk_size=6)
     _, per_chunk = probe._retained_gradient(probe._prepare((x[:6], y[:6])))
@@ -94,7 +95,8 @@ def test_hvp_with_retained_gradient_graphs_is_the_hessian(budget_chunks):
     for _ in range(2):  # the retained graphs serve every later product
         torch.testing.assert_close(objective.hvp(v), v @ hessian, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(objective.hvp(v[1]), v[1:2] @ hessian, rtol=1e-10, atol=1e-12)
-    assert len(objective._cached_gradients()) == (4 if budget_chunks is None else budget_chunks)
+    # all fit: graphs of 12 rows (the 4 chunks in 2 graphs); only part fits: one graph per chunk
+    assert len(objective._cached_gradients()) == (2 if budget_chunks is None else budget_chunks)
 
 
 def test_hvp_of_a_convolutional_network_matches_autograd_hessian():
