@@ -27,7 +27,10 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
         for key in ("lds", "lds_ci", "lds_warm", "loo_pearson", "mislabel_auc", "seconds", "peak_mb", "settings"):
             assert key in r
         assert r["lds_ci"][0] <= r["lds"] <= r["lds_ci"][1]
-    assert methods["kfac"]["mislabel_auc"] is not None and methods["ensemble-kfac"]["mislabel_auc"] is None
+    # self-influence ranks the flipped labels for TracIn; K-FAC's n solves at p = 109,386 are skipped, and say why
+    assert methods["tracin"]["mislabel_auc"] > 0.5
+    assert methods["kfac"]["mislabel_auc"] is None and "n solves" in methods["kfac"]["mislabel_skipped"]
+    assert methods["ensemble-kfac"]["mislabel_auc"] is None
 
     # the damping was chosen on the held-out subsets and validation images: the best recorded validation LDS
     tuning = methods["kfac"]["tuning"]
