@@ -71,6 +71,7 @@ from influencekit.scores.influence import InfluenceFunction
 from influencekit.solvers import ArnoldiSolver, DataInfSolver, KFACSolver, NystromSketchSolver
 from influencekit.solvers.arnoldi import ArnoldiEigenpairs, arnoldi_eigenpairs
 from influencekit.solvers.nystrom import randomized_nystrom
+from influencekit.validation.refit_cache import fingerprint_of
 
 NUM_CLASSES = 10
 
@@ -220,7 +221,7 @@ def _datainf(net: Network, setting, config):
     return DataInfSolver(net.objective, damping=setting["damping"], blocks=net.objective.space.offsets(), measure_residuals=False)
 
 
-DAMPINGS = (1e-3, 1e-2, 1e-1)
+DAMPINGS = (3e-3, 1e-2, 3e-2, 1e-1)
 METHODS: dict[str, NetworkMethod] = {
     "kfac": NetworkMethod([{"damping": d} for d in DAMPINGS], _influence(_kfac(False)), SELF_INFLUENCE_TOO_COSTLY),
     "ekfac": NetworkMethod([{"damping": d} for d in DAMPINGS], _influence(_kfac(True)), SELF_INFLUENCE_TOO_COSTLY),
@@ -229,7 +230,7 @@ METHODS: dict[str, NetworkMethod] = {
     "nystrom": NetworkMethod([{"rank": 60, "damping": d} for d in DAMPINGS], _influence(_nystrom)),
     "tracin": NetworkMethod([{"checkpoints": "epochs", "learning_rate": "sgd lr"}], lambda net, s, c: NetworkTracInScorer(net)),
 }
-ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac")
+ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac", "ensemble-nystrom")
 ALL_METHODS = (*METHODS, *ENSEMBLES)
 DEFAULT_METHODS = ("kfac", "ekfac", "datainf", "arnoldi", "nystrom", "tracin", "ensemble-ekfac", "ensemble-kfac")
 
@@ -324,7 +325,8 @@ def _retrain(config, workload: NetworkWorkload, x, y, tests, masks, name: str, i
     sgd = workload.sgd if initial is None else dataclasses.replace(workload.sgd, epochs=config.warm_epochs)
     trainer = SGDSubsetTrainer(workload.model_fn, x, y, tests[0], tests[1], sgd, seed=config.seed, initial=initial)
     setting = json.dumps({"workload": config.workload, "n": len(y), "sgd": sgd.as_dict(), "test_size": config.test_size,
-                          "val_test_size": config.val_test_size, "start": name, "seed": config.seed})
+                          "val_test_size": config.val_test_size, "start": name, "seed": config.seed,
+                          "initial": None if initial is None else fingerprint_of(*initial.values())})
     outputs = subset_outputs(trainer, masks, cache_dir=config.out / "cache" / name, fingerprint=setting, workers=config.workers,
                              scheduler_address=config.scheduler, batch_size=config.retrain_batch_size, progress=config.progress)
     return outputs, time.perf_counter() - start
