@@ -1,5 +1,7 @@
 """``influencekit evaluate``: every attribution method on one workload, at the field's standard.
 
+(Network workloads, ``mnist-mlp``: :mod:`influencekit.experiments.evaluate_network`.)
+
 Workload ``mnist-lr`` (dattri's MNIST-10 logistic regression): softmax regression
 W (10 x 784, no bias, 7,840 parameters), R(W) = mean CE + (lambda/2)||W||^2,
 lambda = 0.01, float64, fitted to ||grad R|| <= 1e-10 on the first ``train_size``
@@ -506,7 +508,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="mnist-lr")
     parser.add_argument("--data-dir", type=Path, default=None, help="directory with the MNIST IDX files")
     parser.add_argument("--out", type=Path, required=True, help="output directory (results.json, results.md, lds.png, cache/)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"mnist-lr: subset of {', '.join(ALL_METHODS)} (default: all); mnist-mlp: see evaluate_network.ALL_METHODS")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=2, help="local Dask worker processes for retraining (0: in-process)")
     where.add_argument("--scheduler", default=None, help="address of a Dask scheduler to retrain on")
