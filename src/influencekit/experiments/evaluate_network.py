@@ -326,7 +326,7 @@ def _retrain(config, workload: NetworkWorkload, x, y, tests, masks, name: str, i
     trainer = SGDSubsetTrainer(workload.model_fn, x, y, tests[0], tests[1], sgd, seed=config.seed, initial=initial)
     setting = json.dumps({"workload": config.workload, "n": len(y), "sgd": sgd.as_dict(), "test_size": config.test_size,
                           "val_test_size": config.val_test_size, "start": name, "seed": config.seed,
-                          "initial": None if initial is None else fingerprint_of(*initial.values())})
+                          **({} if initial is None else {"initial": fingerprint_of(*initial.values())})})
     outputs = subset_outputs(trainer, masks, cache_dir=config.out / "cache" / name, fingerprint=setting, workers=config.workers,
                              scheduler_address=config.scheduler, batch_size=config.retrain_batch_size, progress=config.progress)
     return outputs, time.perf_counter() - start
