@@ -76,6 +76,6 @@ def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
 
 
 def test_evaluate_command_refuses_workloads_without_a_trainer(tmp_path, capsys):
-    code = main(["evaluate", "--workload", "mnist-mlp", "--out", str(tmp_path)])
+    code = main(["evaluate", "--workload", "mnist-cnn", "--out", str(tmp_path)])
     assert code == 2
-    assert "issue 13" in capsys.readouterr().err
+    assert "'mnist-cnn' is not available yet; choose from mnist-lr, mnist-mlp" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """``influencekit evaluate``: every attribution method on one workload, at the field's standard.
 
+(Network workloads, ``mnist-mlp``: :mod:`influencekit.experiments.evaluate_network`.)
+
 Workload ``mnist-lr`` (dattri's MNIST-10 logistic regression): softmax regression
 W (10 x 784, no bias, 7,840 parameters), R(W) = mean CE + (lambda/2)||W||^2,
 lambda = 0.01, float64, fitted to ||grad R|| <= 1e-10 on the first ``train_size``
@@ -101,6 +103,8 @@ class EvaluateConfig:
     workers: int = 2
     scheduler: str | None = None
     retrain_batch_size: int = 10
+    epochs: int | None = None  # network workloads: SGD epochs (None: the workload's, 50 for mnist-mlp)
+    warm_epochs: int = 10  # network workloads: epochs of the warm-started retraining (0: skip it)
     progress: bool = False
 
 
@@ -306,10 +310,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation; writes results.json, results.md, lds.png, report.html and scores/<method>.npy into
     ``config.out``; returns the results."""
     if config.workload != "mnist-lr":
-        raise NotImplementedError(
-            f"workload {config.workload!r} needs the generic retraining engine for torch models (issue 13); "
-            f"only 'mnist-lr' is available"
-        )
+        from influencekit.experiments.evaluate_network import WORKLOADS as NETWORKS, evaluate_network
+
+        if config.workload not in NETWORKS:
+            raise NotImplementedError(f"workload {config.workload!r} is not available yet; choose from mnist-lr, {', '.join(NETWORKS)}")
+        return evaluate_network(config)
     methods = list(config.methods or ALL_METHODS)
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
@@ -464,7 +469,7 @@ def markdown_table(document: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
         lines.append(
-            f"| {name} | {r['lds']:.3f} ({r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}) | {r['lds_warm']:.3f} | {r['loo_pearson']:.3f} | "
+            f"| {name} | {r['lds']:.3f} ({r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}) | {_number(r['lds_warm'])} | {_number(r['loo_pearson'])} | "
             f"{_number(r['mislabel_auc'])} | {_number(r.get('found_at_10pct'))} | {_number(r.get('found_at_20pct'))} | "
             f"{r['seconds']:.1f} | {r['peak_mb']:.0f} | {json.dumps({k: v for k, v in r['settings'].items()})} |")
     b = document["baseline_training_loss"]
@@ -503,13 +508,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="mnist-lr")
     parser.add_argument("--data-dir", type=Path, default=None, help="directory with the MNIST IDX files")
     parser.add_argument("--out", type=Path, required=True, help="output directory (results.json, results.md, lds.png, cache/)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"mnist-lr: subset of {', '.join(ALL_METHODS)} (default: all); mnist-mlp: see evaluate_network.ALL_METHODS")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=2, help="local Dask worker processes for retraining (0: in-process)")
     where.add_argument("--scheduler", default=None, help="address of a Dask scheduler to retrain on")
     for name in ("train_size", "downsample", "test_size", "num_subsets", "val_subsets", "val_test_size", "loo_points", "ensemble_size",
-                 "lissa_depth", "n_bootstrap", "seed", "retrain_batch_size"):
+                 "lissa_depth", "n_bootstrap", "seed", "retrain_batch_size", "warm_epochs"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(EvaluateConfig, name))
+    parser.add_argument("--epochs", type=int, default=None, help="network workloads: SGD epochs (default: the workload's)")
     for name in ("fraction", "weight_decay", "mislabel_fraction"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(EvaluateConfig, name))
 
