@@ -125,7 +125,7 @@ class LanczosEstimate:
 
 
 def smallest_eigenvalue(
-    operator: CurvatureOperator, *, tol: float = 1e-8, maxiter: int | None = None, ncv: int | None = None, seed: int = 0
+    operator: CurvatureOperator, *, tol: float = 1e-6, maxiter: int = 30, ncv: int | None = None, seed: int = 0
 ) -> LanczosEstimate:
     """lambda_min of a symmetric operator, matrix-free: ``scipy.sparse.linalg.eigsh(which="SA")`` on its ``matvec``.
 
@@ -137,7 +137,10 @@ def smallest_eigenvalue(
     Args:
         operator: symmetric (p, p) operator (``dim``, ``dtype``, ``matvec`` on (k, p) blocks).
         tol: ARPACK's relative accuracy of the eigenvalue.
-        maxiter: ARPACK restarts (default 10 p); ncv: Lanczos vectors (default min(p, 64)).
+        maxiter: ARPACK restarts (at most ``maxiter * ncv`` products); ncv: Lanczos vectors (default min(p, 64)).
+            Where the bottom of the spectrum is a tight cluster (weight decay on directions the data do not
+            reach: many eigenvalues equal to it) ARPACK stalls; the estimate is then the smallest Ritz value of
+            80 fully re-orthogonalised Lanczos steps (:func:`lanczos_ritz_values`), ``converged`` False.
     """
     import numpy as np
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
@@ -162,7 +165,7 @@ def smallest_eigenvalue(
                                 return_eigenvectors=False)[0])
             converged = True
         except ArpackNoConvergence as error:
-            found = error.eigenvalues
-            value = float(found.min()) if len(found) else float(lanczos_ritz_values(operator, min(p, 80), seed)[0])
+            found = [float(v) for v in error.eigenvalues]
+            value = min(found + [float(lanczos_ritz_values(operator, min(p, 80), seed)[0])])
             converged = False
     return LanczosEstimate(value, max(0.0, -value), count, time.perf_counter() - start, converged)

@@ -85,6 +85,8 @@ class FragilityConfig(RetrainingRunConfig):
         cg_rtol: CG's relative residual.
         retrain_off_optimum: retrain cells whose fit is not at a verified optimum too (by default they are
             reported without a correlation: their refits have no minimum near theta_hat to converge to).
+        time_budget: seconds after which no new cell is started (the rest are reported as not run; a rerun
+            resumes them). None: no limit.
     """
 
     models: list[str] = field(default_factory=lambda: list(MODELS))
@@ -104,6 +106,7 @@ class FragilityConfig(RetrainingRunConfig):
     damping_margin: float = 1e-3
     cg_rtol: float = 1e-10
     retrain_off_optimum: bool = False
+    time_budget: float | None = None
     seed: int = 0
     refit_batch_size: int = 5
 
@@ -219,7 +222,7 @@ def _measure(config: FragilityConfig, name: str, weight_decay: float, train: tup
     refits = retrain(
         objective, chosen, mode="true", hessian=hessian, tol=config.tol, max_steps=config.refit_max_steps,
         cache_dir=(config.cache_dir or config.out / "refits") / _cell_id(name, weight_decay),
-        workers=config.workers if scheduler is None else 0, scheduler=scheduler, batch_size=config.refit_batch_size,
+        workers=config.workers, scheduler=scheduler, batch_size=config.refit_batch_size,
         progress=config.progress is not False,
     )
     seconds["retrain"] = time.perf_counter() - t
@@ -283,6 +286,9 @@ def sweep(config: FragilityConfig) -> dict[str, Any]:
     with _scheduler(config) as scheduler:
         for name in config.models:
             for weight_decay in config.weight_decays:
+                if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+                    cells.append(_cached_or_skipped(config, name, float(weight_decay), len(y)))
+                    continue
                 cells.append(_cached_or_run(config, name, float(weight_decay), (x, y), test, scheduler))
     results = {
         "sizes": _sizes(config, len(y), cells),
@@ -306,15 +312,30 @@ def sweep(config: FragilityConfig) -> dict[str, Any]:
     return results
 
 
-def _cached_or_run(config: FragilityConfig, name: str, weight_decay: float, train: tuple[Tensor, Tensor],
-                   test: tuple[Tensor, Tensor], scheduler: str | None) -> dict[str, Any]:
+def _saved_cell(config: FragilityConfig, name: str, weight_decay: float) -> dict[str, Any] | None:
+    """The cell saved by an earlier run with the same settings (a failed cell is not reused: it is tried again)."""
     path = config.out / "cells" / f"{_cell_id(name, weight_decay)}.json"
-    settings = _cell_settings(config, name, weight_decay)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
+        if saved.get("settings") == _cell_settings(config, name, weight_decay) and "error" not in saved["cell"]:
             _log(f"[{_cell_id(name, weight_decay)}] from {path}")
             return saved["cell"]
+    return None
+
+
+def _cached_or_skipped(config: FragilityConfig, name: str, weight_decay: float, n: int) -> dict[str, Any]:
+    return _saved_cell(config, name, weight_decay) or {
+        "model": name, "weight_decay": weight_decay, "n_train": n, "seconds": 0.0,
+        "error": f"not run: the --time-budget of {config.time_budget:g} s was spent before this cell (rerun to resume)"}
+
+
+def _cached_or_run(config: FragilityConfig, name: str, weight_decay: float, train: tuple[Tensor, Tensor],
+                   test: tuple[Tensor, Tensor], scheduler: str | None) -> dict[str, Any]:
+    saved = _saved_cell(config, name, weight_decay)
+    if saved is not None:
+        return saved
+    path = config.out / "cells" / f"{_cell_id(name, weight_decay)}.json"
+    settings = _cell_settings(config, name, weight_decay)
     cell = run_cell(config, name, weight_decay, train, test, scheduler)
     atomic_write(path, json.dumps({"settings": settings, "cell": cell}, indent=2))
     return cell
@@ -367,7 +388,7 @@ def plot_heatmap(path: Path, results: dict[str, Any]) -> None:
             values[r, k] = c["pearson"]
             text = f"{c['pearson']:.2f}{'' if c['at_optimum'] else '*'}\n{c['negative_eigenvalues']} neg."
         elif "error" in c:
-            text = "failed"
+            text = "not run" if c["error"].startswith("not run") else "failed"
         else:
             text = f"no optimum\n‖∇R‖ {c['grad_norm']:.0e}"
         ax.text(k, r, text, ha="center", va="center", fontsize=9)
@@ -416,6 +437,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="damping above damping_needed where H is not positive definite (default 1e-3)")
     parser.add_argument("--retrain-off-optimum", action="store_true",
                         help="retrain cells not at a verified optimum too (default: reported without a correlation)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which no new cell starts (they are reported as not run; rerun to resume)")
     parser.add_argument("--workers", type=int, default=d.workers, help="Dask LocalCluster workers (0: in-process)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (overrides --workers)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="refit cache (default OUT/refits); reruns resume from it")
@@ -430,6 +453,6 @@ def _config_from_args(args: argparse.Namespace) -> FragilityConfig:
         num_points=args.num_points, pool=args.pool, hidden=args.hidden, cnn_channels=args.cnn_channels,
         cnn_image_size=args.cnn_image_size, tol=args.tol, max_newton_steps=args.max_newton_steps, adam_epochs=args.adam_epochs,
         lbfgs_max_iter=args.lbfgs_max_iter, refit_max_steps=args.refit_max_steps, damping_margin=args.damping_margin,
-        retrain_off_optimum=args.retrain_off_optimum, workers=args.workers, scheduler=args.scheduler, cache_dir=args.cache_dir, seed=args.seed,
+        retrain_off_optimum=args.retrain_off_optimum, time_budget=args.time_budget, workers=args.workers, scheduler=args.scheduler, cache_dir=args.cache_dir, seed=args.seed,
         progress=False if args.no_progress else None,
     )
