@@ -358,7 +358,7 @@ def table(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["cells"]:
         if "error" in c and "p" not in c:
-            lines.append(f"| {c['model']} | {c['weight_decay']:g} | | | | | | | | | failed: {c['error']} | | {c['seconds']:.0f} |")
+            lines.append(f"| {c['model']} | {c['weight_decay']:g} | | | | | | | | | {c['error']} | | {c['seconds']:.0f} |")
             continue
         if c.get("pearson") is not None:
             corr = f"{c['pearson']:.3f} | {c['spearman']:.3f}"
