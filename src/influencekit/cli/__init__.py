@@ -30,6 +30,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "experiment": {
         "tracin-mnist": ("influencekit.experiments.tracin_mnist", "TracIn on an MLP trained with SGD on MNIST vs. influence functions"),
         "fastif-recall": ("influencekit.experiments.fastif_recall", "FastIF kNN pre-selection: recall@m and speed-up of top-k search"),
+        "fragility": ("influencekit.experiments.fragility", "Basu et al. (2021): influence vs. retraining across model depth and weight decay"),
     },
     "evaluate": ("influencekit.experiments.evaluate", "Rank every attribution method on one workload: LDS, LOO correlation, mislabel AUC"),
     "score": ("influencekit.scores.matrix", "I_up,loss of every training point for many test points into a zarr matrix (Dask, resumable)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,3 +102,70 @@ def extreme_eigenvalues(
     if inverse is not None:
         return 1.0 / float(lanczos_ritz_values(inverse, steps, seed)[-1]), float(ritz[-1])
     return float(ritz[0]), float(ritz[-1])
+
+
+@dataclass(frozen=True)
+class LanczosEstimate:
+    """The smallest eigenvalue of a symmetric operator by ARPACK's Lanczos, and what it cost.
+
+    Attributes:
+        smallest: the estimate of lambda_min.
+        damping_needed: max(0, -smallest): H + lambda I is positive definite for every lambda > damping_needed.
+        matvecs: operator products used.
+        seconds: wall time.
+        converged: ARPACK met ``tol``; False: ``smallest`` is the best Ritz value it had
+            (from inside the spectrum, so it errs towards larger values).
+    """
+
+    smallest: float
+    damping_needed: float
+    matvecs: int
+    seconds: float
+    converged: bool
+
+
+def smallest_eigenvalue(
+    operator: CurvatureOperator, *, tol: float = 1e-6, maxiter: int = 30, ncv: int | None = None, seed: int = 0
+) -> LanczosEstimate:
+    """lambda_min of a symmetric operator, matrix-free: ``scipy.sparse.linalg.eigsh(which="SA")`` on its ``matvec``.
+
+    ``damping_needed`` = max(0, -lambda_min) is the damping that makes M + lambda I positive
+    definite (any lambda above it): the number to quote when a non-convex model's curvature is
+    indefinite. Costs ``matvecs`` products (a Hessian-vector product each for a
+    :class:`~influencekit.curvature.HessianOperator`); no p x p matrix is formed.
+
+    Args:
+        operator: symmetric (p, p) operator (``dim``, ``dtype``, ``matvec`` on (k, p) blocks).
+        tol: ARPACK's relative accuracy of the eigenvalue.
+        maxiter: ARPACK restarts (at most ``maxiter * ncv`` products); ncv: Lanczos vectors (default min(p, 64)).
+            Where the bottom of the spectrum is a tight cluster (weight decay on directions the data do not
+            reach: many eigenvalues equal to it) ARPACK stalls; the estimate is then the smallest Ritz value of
+            80 fully re-orthogonalised Lanczos steps (:func:`lanczos_ritz_values`), ``converged`` False.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    start = time.perf_counter()
+    p = operator.dim
+    count = 0
+
+    def matmat(block: np.ndarray) -> np.ndarray:
+        nonlocal count
+        vectors = torch.as_tensor(np.asarray(block, dtype=np.float64).reshape(p, -1).T.copy(), dtype=operator.dtype)
+        count += vectors.shape[0]
+        return operator.matvec(vectors).to(torch.float64).numpy().T
+
+    linear = LinearOperator((p, p), matvec=matmat, matmat=matmat, dtype=np.float64)
+    start_vector = np.random.default_rng(seed).standard_normal(p)
+    if p < 3:  # too small for ARPACK: the dense eigenvalues of the operator's matrix
+        value, converged = float(np.linalg.eigvalsh(matmat(np.eye(p)))[0]), True
+    else:
+        try:
+            value = float(eigsh(linear, k=1, which="SA", tol=tol, maxiter=maxiter, ncv=ncv or min(p, 64), v0=start_vector,
+                                return_eigenvectors=False)[0])
+            converged = True
+        except ArpackNoConvergence as error:
+            found = [float(v) for v in error.eigenvalues]
+            value = min(found + [float(lanczos_ritz_values(operator, min(p, 80), seed)[0])])
+            converged = False
+    return LanczosEstimate(value, max(0.0, -value), count, time.perf_counter() - start, converged)

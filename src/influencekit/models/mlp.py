@@ -1,11 +1,27 @@
-"""dattri's MNIST multilayer perceptron (its ``MLPMnist``, the "MNIST-10 MLP" of its benchmark)."""
+"""Fully connected networks: tanh MLPs (from multinomial logistic regression upwards) and dattri's MNIST MLP."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import nn
 
 # dattri normalises MNIST pixels in [0, 1] with these (torchvision's Normalize((0.1307,), (0.3081,)))
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def tanh_mlp(inputs: int, hidden: Sequence[int] = (), num_classes: int = 10) -> nn.Sequential:
+    """Linear layers (with biases) of widths ``inputs -> hidden... -> num_classes``, tanh between them.
+
+    ``hidden=()`` is multinomial logistic regression (``inputs * num_classes + num_classes``
+    parameters). tanh rather than ReLU: the loss is then twice differentiable everywhere, so
+    Newton steps, the Hessian and its eigenvalues are defined at every parameter vector.
+    """
+    widths = [inputs, *hidden, num_classes]
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if k < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
 
 
 def dattri_mnist_mlp(dropout: float = 0.1, hidden: tuple[int, int] = (128, 64), inputs: int = 784, num_classes: int = 10) -> nn.Sequential:

@@ -233,3 +233,46 @@ def write_evaluate_report(config: Any, document: dict, train: tuple[Tensor, Tens
                 f"({methods[best]['lds']:.3f}). Output function: {document['output_function']}.",
     )
     return write_report(report, Path(config.out) / "report.html")
+
+
+def write_fragility_report(config: Any, results: dict, test_image: Tensor) -> Path:
+    """``config.out/report.html`` of ``experiment fragility``: the heat map, every cell's scatter and evidence."""
+    cells = [c for c in results["cells"] if c.get("pearson") is not None]
+    warnings = []
+    for c in results["cells"]:
+        cell = f"{c['model']}, weight decay {c['weight_decay']:g}"
+        if "error" in c:
+            warnings.append(f"{cell}: failed: {c['error']}")
+        elif not c["at_optimum"]:
+            warnings.append(f"{cell}: not at a verified optimum (||grad R|| = {c['grad_norm']:.2g}, {c['negative_eigenvalues']} "
+                            f"negative eigenvalues); H + λI is positive definite for λ > {c['damping_needed']:.3g}, "
+                            f"CG used damping {c['damping_used']:.3g}"
+                            + ("; not retrained" if c.get("pearson") is None else ""))
+    solvers = [
+        SolverEvidence(f"CG, {c['model']}, wd {c['weight_decay']:g}", c["seconds_by_stage"]["cg"], [c["cg_iterations"]],
+                       [c["cg_relative_residual"]], True,
+                       {"R vs retraining": c["pearson"], "ρ vs retraining": c["spearman"], "damping used": c["damping_used"],
+                        "damping needed": c["damping_needed"], "negative eigenvalues": c["negative_eigenvalues"],
+                        "||grad R||": c["grad_norm"], "refits not converged": c["refits_not_converged"]})
+        for c in cells
+    ]
+    cli = {**vars(config), "models": ",".join(config.models), "weight_decays": ",".join(f"{w:g}" for w in config.weight_decays),
+           "no_progress": config.progress is False}
+    report = Report(
+        title="Fragility of influence: model depth × weight decay",
+        test=Example(test_image, f"MNIST test #{results['test_index']}", [f"label {results['test_label']}"]),
+        groups=[],
+        scatters=[Scatter(f"{c['model']}, wd {c['weight_decay']:g}", np.asarray(c["actual"]), np.asarray(c["predicted"]),
+                          "actual change in test loss (retrained)", "predicted, −(1/n) I_up,loss") for c in cells],
+        scatter_caption=f"Predicted against actual leave-one-out change of the test loss for the {results['num_points']} "
+                        "training points of largest |I_up,loss| in each cell, retrained on the true objective.",
+        solvers=solvers,
+        figures=[("Pearson R of CG influence against retraining", (Path(config.out) / "heatmap.png").read_bytes())],
+        warnings=warnings,
+        trustworthy=not warnings,
+        settings=_jsonable(results["config"]),
+        command=command_line("experiment", "fragility", cli),
+        summary=f"{len(results['cells'])} cells on {results['sizes']['n_train']:,} MNIST training images: "
+                + "; ".join(f"{m}: {s}" for m, s in results["sizes"]["models"].items()) + ".",
+    )
+    return write_report(report, Path(config.out) / "report.html")
