@@ -368,22 +368,27 @@ def evaluate(config: EvaluateConfig) -> dict:
     return document
 
 
-def _evaluate_method(name, config, model, noisy, tests, val_tests, masks, val_masks, actual, actual_warm, actual_val,
-                     loo_points, loo_actual, flipped, x, y) -> dict:
-    method = METHODS["exact"] if name == ENSEMBLE else METHODS[name]
+def tune_on_held_out(method, model, config, val_tests, val_masks, actual_val) -> tuple[dict, list[dict]]:
+    """The setting of ``method.grid`` with the best LDS on the held-out subsets and validation tests
+    (never the evaluation ones), and the record of every try. A setting that fails (e.g. not positive
+    definite at its damping) is recorded with its error; a one-setting grid is taken as it is."""
     tuning = []
-    for setting in method.grid:
-        if len(method.grid) == 1:
-            break
+    for setting in method.grid if len(method.grid) > 1 else ():
         try:
             val_scores = method.build(model, setting, config).scores(val_tests)
             val_lds = linear_datamodeling_score(val_scores, val_masks, actual_val, n_bootstrap=0).lds
-        except (ValueError, RuntimeError) as error:  # e.g. not positive definite at this damping
+        except (ValueError, RuntimeError) as error:
             tuning.append({"setting": setting, "val_lds": None, "error": str(error).splitlines()[0]})
             continue
         tuning.append({"setting": setting, "val_lds": val_lds})
     scored = [t for t in tuning if t["val_lds"] is not None]
-    chosen = max(scored, key=lambda t: t["val_lds"])["setting"] if scored else method.grid[0]
+    return (max(scored, key=lambda t: t["val_lds"])["setting"] if scored else method.grid[0]), tuning
+
+
+def _evaluate_method(name, config, model, noisy, tests, val_tests, masks, val_masks, actual, actual_warm, actual_val,
+                     loo_points, loo_actual, flipped, x, y) -> dict:
+    method = METHODS["exact"] if name == ENSEMBLE else METHODS[name]
+    chosen, tuning = tune_on_held_out(method, model, config, val_tests, val_masks, actual_val)
 
     with PeakMemory() as memory:
         t = time.perf_counter()

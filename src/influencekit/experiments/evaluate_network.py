@@ -62,6 +62,7 @@ from influencekit.experiments.evaluate import (
     _plot,
     _save_scores,
     markdown_table,
+    tune_on_held_out,
 )
 from influencekit.linalg import check_directions
 from influencekit.models.mlp import MNIST_MEAN, MNIST_STD, dattri_mnist_mlp
@@ -332,20 +333,6 @@ def _retrain(config, workload: NetworkWorkload, x, y, tests, masks, name: str, i
     return outputs, time.perf_counter() - start
 
 
-def _tune(method: NetworkMethod, network: Network, config, val_tests, val_masks, actual_val) -> tuple[dict, list]:
-    tuning = []
-    for setting in method.grid if len(method.grid) > 1 else ():
-        try:
-            val_scores = method.build(network, setting, config).scores(val_tests)
-            val_lds = linear_datamodeling_score(val_scores, val_masks, actual_val, n_bootstrap=0).lds
-        except (ValueError, RuntimeError) as error:  # e.g. a singular approximation at this damping
-            tuning.append({"setting": setting, "val_lds": None, "error": str(error).splitlines()[0]})
-            continue
-        tuning.append({"setting": setting, "val_lds": val_lds})
-    scored = [t for t in tuning if t["val_lds"] is not None]
-    return (max(scored, key=lambda t: t["val_lds"])["setting"] if scored else method.grid[0]), tuning
-
-
 def _evaluate_method(name, config, members, noisy, tests, val_tests, masks, val_masks, actual, warm, actual_val, flipped,
                      done: dict) -> dict:
     ensemble = name.startswith("ensemble-")
@@ -356,7 +343,7 @@ def _evaluate_method(name, config, members, noisy, tests, val_tests, masks, val_
     if ensemble and base in done:  # the base method's choice, made on held-out data
         chosen, tuning = done[base]["settings"], []
     else:
-        chosen, tuning = _tune(method, network, config, val_tests, val_masks, actual_val)
+        chosen, tuning = tune_on_held_out(method, network, config, val_tests, val_masks, actual_val)
     tuning_seconds = time.perf_counter() - t  # includes the fits (K-FAC factors, eigenpairs) that scoring reuses
     with PeakMemory() as memory:
         t = time.perf_counter()
