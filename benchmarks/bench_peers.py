@@ -53,6 +53,8 @@ def rows(workload: str) -> list[dict[str, Any]]:
             dict(label="influencekit CG (TorchObjective, one chunk of n), rtol 1e-5", library=ik, method="any",
                  params={"method": "cg", "rtol": 1e-5, "objective_chunk": W1_N}),
             dict(label="influencekit CG (TorchObjective), rtol 5e-5", library=ik, method="any", params={"method": "cg", "rtol": 5e-5}),
+            dict(label="influencekit CG + K-FAC preconditioner (TorchObjective), rtol 1e-5", library=ik, method="any",
+                 params={"method": "cg-kfac", "rtol": 1e-5}),
             dict(label="dattri CG, max_iter 50", library="dattri", method="cg", params={"max_iter": 50}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
             dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 5500}),
@@ -82,6 +84,8 @@ def rows(workload: str) -> list[dict[str, Any]]:
         return [
             dict(label="influencekit CG (Hessian), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
             dict(label="influencekit CG (Hessian), rtol 1e-4", library=ik, method="any", params={"method": "cg", "rtol": 1e-4}),
+            dict(label="influencekit CG + K-FAC preconditioner (Hessian), rtol 1e-5", library=ik, method="any",
+                 params={"method": "cg-kfac", "rtol": 1e-5}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
             dict(label="dattri CG, max_iter 150", library="dattri", method="cg", params={"max_iter": 150}),
             dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 1000}),
@@ -108,6 +112,7 @@ def rows(workload: str) -> list[dict[str, Any]]:
         ]
     return [
         dict(label="influencekit CG, rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
+        dict(label="influencekit CG + K-FAC preconditioner, rtol 1e-5", library=ik, method="any", params={"method": "cg-kfac", "rtol": 1e-5}),
         dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
         dict(label="pyDVL CG, rtol 1e-5, maxiter 100", library="pydvl", method="cg", params={"rtol": 1e-5, "maxiter": 100, "batch_size": 500}),
         dict(label="influencekit LiSSA, depth 1000, B 50", library=ik, method="any",

@@ -17,6 +17,7 @@ from influencekit.solvers import (
     DataInfSolver,
     DirectSolver,
     JacobiPreconditioner,
+    KFACPreconditioner,
     KFACSolver,
     LiSSASolver,
     NystromPreconditioner,
@@ -117,11 +118,10 @@ def _cg_nystrom(ctx: Context, spec: Spec) -> Built:
 
 
 def _cg_kfac(ctx: Context, spec: Spec) -> Built:
-    kfac = KFACSolver(ctx.torch_objective, damping=ctx.damping, eigenvalue_correction=spec.params["ekfac"],
-                      chunk_size=1024).fit()
-    solver = CGSolver(ctx.operator(spec.curvature), damping=ctx.damping, rtol=spec.params["rtol"],
-                      preconditioner=kfac.inverse_matvec)
-    return solver, ctx.objective(spec.curvature), {}
+    """CG preconditioned by K-FAC (EK-FAC with ``ekfac``), fitted on the TorchObjective."""
+    pre = KFACPreconditioner(ctx.torch_objective, damping=ctx.damping, eigenvalue_correction=spec.params.get("ekfac", False))
+    solver = CGSolver(ctx.operator(spec.curvature), damping=ctx.damping, rtol=spec.params["rtol"], preconditioner=pre)
+    return solver, ctx.objective(spec.curvature), {"kfac_seconds": pre.setup_seconds}
 
 
 def _block_cg(ctx: Context, spec: Spec) -> Built:

@@ -247,7 +247,7 @@ def test_save_load_round_trip(tmp_path, correction):
     assert torch.equal(loaded.solve(rhs).solution, solver.solve(rhs).solution)
     assert torch.equal(loaded.approximation.to_dense(), solver.approximation.to_dense())
     other, _, _ = make_objective("conv", "cross_entropy", n=7)
-    with pytest.raises(ValueError, match="fitted on 8 examples"):
+    with pytest.raises(ValueError, match="training set of 8 examples"):
         KFACSolver.load(tmp_path / "kfac", other)
     save_tensors(tmp_path / "other", {"x": torch.zeros(1)}, {"class": "SomethingElse"})
     with pytest.raises(ValueError, match="not a 'KFACCurvature'"):

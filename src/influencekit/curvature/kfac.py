@@ -259,6 +259,12 @@ class KFACCurvature(CurvatureOperator):
             "squared_error" or a callable ``(outputs, batch) -> L`` (B, D, R) with
             H_out = L L^T; default: inferred from the objective's built-in loss.
         factors: factors fitted earlier (what :meth:`load` passes), per layer name.
+        fit_examples: estimate the factors (and EK-FAC's correction) from this many
+            training examples drawn at random without replacement (seeded by ``seed``)
+            instead of all n: the factors are means, so a subset of m examples gives
+            the same scale with O(1/sqrt(m)) sampling error, for m/n of the fit's cost.
+            None: all n.
+        seed: seed of that draw.
 
     Attributes:
         layers: the :class:`KFACLayer` s, in the order of the model's modules.
@@ -276,6 +282,8 @@ class KFACCurvature(CurvatureOperator):
         chunk_size: int = 256,
         output_hessian: str | OutputHessianFactor | None = None,
         factors: Mapping[str, KFACFactors] | None = None,
+        fit_examples: int | None = None,
+        seed: int = 0,
     ):
         for attribute in ("model", "space", "outputs", "train"):
             if not hasattr(objective, attribute):
@@ -284,6 +292,10 @@ class KFACCurvature(CurvatureOperator):
                 )
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if fit_examples is not None and fit_examples < 1:
+            raise ValueError(f"fit_examples must be >= 1 (or None for all), got {fit_examples}")
+        self.fit_examples = None if fit_examples is None or fit_examples >= objective.n_train else int(fit_examples)
+        self.seed = int(seed)
         self.objective = objective
         self.eigenvalue_correction = bool(eigenvalue_correction)
         self.chunk_size = int(chunk_size)
@@ -302,7 +314,14 @@ class KFACCurvature(CurvatureOperator):
         return "ekfac" if self.eigenvalue_correction else "kfac"
 
     def _batches(self):
-        for chunk in self.objective.train.chunks():
+        if self.fit_examples is not None:
+            generator = torch.Generator().manual_seed(self.seed)
+            indices = torch.randperm(self.objective.n_train, generator=generator)[: self.fit_examples].sort().values
+            chunks = (self.objective.train.gather(indices[start : start + self.chunk_size])
+                      for start in range(0, self.fit_examples, self.chunk_size))
+        else:
+            chunks = self.objective.train.chunks()
+        for chunk in chunks:
             chunk = cast_floats(chunk, self.dtype)
             size = batch_size(chunk)
             for start in range(0, size, self.chunk_size):
@@ -487,6 +506,7 @@ class KFACCurvature(CurvatureOperator):
             "parameter_names": list(space.names),
             "parameter_shapes": [list(shape) for shape in space.shapes],
             "n_examples": self.n_examples,
+            "n_train": self.objective.n_train,
             "fit_seconds": self.fit_seconds,
             **(extra or {}),
         }
@@ -520,10 +540,9 @@ class KFACCurvature(CurvatureOperator):
                 f"the saved factors are for parameters {saved[0]} with shapes {saved[1]}, but the objective "
                 f"attributes {list(space.names)} with shapes {[list(s) for s in space.shapes]}"
             )
-        if arguments["n_examples"] != objective.n_train:
-            raise ValueError(
-                f"the saved factors were fitted on {arguments['n_examples']} examples, the objective has {objective.n_train}"
-            )
+        saved_n = arguments.get("n_train", arguments["n_examples"])
+        if saved_n != objective.n_train:
+            raise ValueError(f"the saved factors were fitted on a training set of {saved_n} examples, the objective has {objective.n_train}")
         layers = find_layers(objective.model, space)
         if [layer.name for layer in layers] != arguments["layers"]:
             raise ValueError(f"the saved layers {arguments['layers']} differ from {[l.name for l in layers]}")
@@ -541,7 +560,7 @@ class KFACCurvature(CurvatureOperator):
             output_hessian=arguments["output_hessian"] if output_hessian is None else output_hessian,
             factors=factors,
         )
-        curvature.fit_seconds = arguments["fit_seconds"]
+        curvature.fit_seconds, curvature.n_examples = arguments["fit_seconds"], arguments["n_examples"]
         return curvature
 
 

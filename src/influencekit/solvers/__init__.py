@@ -19,7 +19,7 @@ from influencekit.solvers.kfac import KFACSolver, SingularKFACError
 from influencekit.solvers.lissa import LiSSADivergenceError, LiSSASettings, LiSSASolver
 from influencekit.solvers.nystrom import NystromApproximation, NystromSketchSolver, randomized_nystrom
 from influencekit.solvers.parallel_lissa import ChainDivergedError, ParallelLiSSASolver
-from influencekit.solvers.preconditioners import JacobiPreconditioner, NystromPreconditioner
+from influencekit.solvers.preconditioners import JacobiPreconditioner, KFACPreconditioner, NystromPreconditioner
 
 __all__ = [
     "ArnoldiSolver",
@@ -31,6 +31,7 @@ __all__ = [
     "DirectSolver",
     "IndefiniteCurvatureError",
     "JacobiPreconditioner",
+    "KFACPreconditioner",
     "KFACSolver",
     "KrylovSolver",
     "LiSSADivergenceError",

@@ -4,7 +4,12 @@ Each preconditioner is fitted once from a curvature M and is a callable applying
 P^{-1} to a block of row vectors, (k, p) -> (k, p), as
 ``CGSolver(..., preconditioner=P)`` and
 ``BlockCGSolver(..., preconditioner=P)`` expect. P approximates
-M + damping I, so fit it with the damping the solver uses. Both can be saved
+M + damping I, so fit it with the damping the solver uses. Which to pick:
+:class:`KFACPreconditioner` for a ``TorchObjective`` whose parameters sit in
+``nn.Linear`` / ``nn.Conv2d`` layers (one data pass, and CG then needs about
+half the iterations on MNIST logistic regression); :class:`NystromPreconditioner`
+when M has a few dominant eigenvalues; :class:`JacobiPreconditioner` when M is
+badly scaled coordinate-wise. Both can be saved
 and loaded (safetensors + JSON, see :mod:`influencekit.persistence`).
 """
 
@@ -12,7 +17,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +27,8 @@ from torch import Tensor
 from influencekit.curvature.base import CurvatureOperator, DenseOperator
 from influencekit.linalg import check_directions
 from influencekit.persistence import load_checked, save_tensors
+from influencekit.curvature.kfac import KFACCurvature
+from influencekit.solvers.kfac import KFACSolver
 from influencekit.solvers.nystrom import NystromApproximation, SavedNystrom, randomized_nystrom
 
 class JacobiPreconditioner:
@@ -194,3 +203,84 @@ class NystromPreconditioner(SavedNystrom):
         u = self.approximation.eigenvectors
         v = check_directions(vectors, self.dim)
         return v + ((v @ u) * self._scales) @ u.T
+
+
+class KFACPreconditioner:
+    """P = the K-FAC (or EK-FAC) approximation of M + damping I, inverted in its Kronecker eigenbasis.
+
+    Per layer, K-FAC (Martens & Grosse 2015) approximates the layer's block of the
+    Gauss-Newton matrix G by A kron S (A: second moment of the layer's inputs,
+    S: of the output-gradient pseudo-samples); with A = Q_A diag(a) Q_A^T and
+    S = Q_S diag(s) Q_S^T, a layer's part V (out, columns) of a vector maps to
+    P^{-1} V = Q_S [(Q_S^T V Q_A) / (s a^T + lambda + damping)] Q_A^T,
+    lambda the objective's weight decay (EK-FAC replaces s a^T by the exact
+    second moments in that basis). Cross-layer blocks are dropped. Fitting is one
+    pass over the training data plus one eigendecomposition per factor; applying
+    P^{-1} costs two small matrix products per layer.
+
+    For CG on the exact Hessian (or the GGN) of a
+    :class:`~influencekit.objectives.TorchObjective`: P is positive definite when
+    lambda + damping > 0, and CG then converges like CG on P^{-1/2} (M + damping I)
+    P^{-1/2}, well conditioned where K-FAC is close to M (softmax regression,
+    where G is the Hessian; near-optimal networks). Measured on W1 (MNIST
+    logistic regression, 55,000 points, float32): 28 iterations against 58 for
+    plain CG at rtol 1e-5, for a fit of 0.16 s on 10,000 examples (benchmarks/RESULTS.md).
+
+    Args:
+        objective: a ``TorchObjective`` whose attributed parameters all sit in
+            supported layers (``nn.Linear``, ``nn.Conv2d``), or a
+            :class:`~influencekit.curvature.kfac.KFACCurvature` (fitted here unless it is already).
+        damping: the damping of the system CG solves (one number, or one per layer
+            as {module name: damping}).
+        eigenvalue_correction: EK-FAC instead of K-FAC (a second data pass).
+        fit_examples: fit the factors on this many randomly drawn training examples
+            (None: all). A preconditioner changes how fast CG converges, never what it
+            converges to, so a subset suffices: on W1, factors from 10,000 of the
+            55,000 examples give the same 28 iterations for a 5x cheaper fit.
+        seed: seed of that draw.
+        chunk_size: examples per forward/backward pass of the fit; the fit holds each
+            layer's inputs for a chunk (chunk x locations x columns numbers). Larger
+            chunks make fewer, larger matrix products (W1, all 55,000 examples: 0.55 s with
+            4,096, 0.94 s with 1,024). These four are ignored when ``objective`` is a
+            ``KFACCurvature``.
+
+    Raises:
+        SingularKFACError: lambda + damping leaves P numerically singular; the
+            message names the damping to pass.
+    """
+
+    def __init__(
+        self,
+        objective: Any,
+        *,
+        damping: float | Mapping[str, float] = 0.0,
+        eigenvalue_correction: bool = False,
+        chunk_size: int = 4096,
+        fit_examples: int | None = 10_000,
+        seed: int = 0,
+    ):
+        start = time.perf_counter()
+        if not isinstance(objective, KFACCurvature):
+            objective = KFACCurvature(objective, eigenvalue_correction=eigenvalue_correction, chunk_size=chunk_size,
+                                      fit_examples=fit_examples, seed=seed)
+        solver = KFACSolver(objective, damping=damping, measure_residuals=False)
+        if solver.approximation.factors is None:
+            solver.fit()
+        self.approximation, self.damping, self.dim = solver.approximation, solver.damping, solver.dim
+        self._solver = solver
+        solver.damped_eigenvalues()  # raises SingularKFACError, naming the damping, before any solve
+        self.setup_seconds = time.perf_counter() - start
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        """P^{-1} V for a block V (k, p)."""
+        return self._solver.inverse_matvec(vectors)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the Kronecker factors' eigendecompositions (safetensors) and the damping (JSON) into ``directory``."""
+        return self._solver.save(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], objective: Any) -> KFACPreconditioner:
+        """Rebuild a saved preconditioner for ``objective`` (the same model and parameters)."""
+        saved = KFACSolver.load(directory, objective)
+        return cls(saved.approximation, damping=saved.damping)
