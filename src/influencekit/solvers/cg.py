@@ -74,26 +74,29 @@ class CGSolver(KrylovSolver):
         for _ in range(self.maxiter):
             if not active.any():
                 break
-            idx = active.nonzero().squeeze(1)
-            md = self.apply_damped(d[idx])
-            curvature = (d[idx] * md).sum(dim=1)
+            # all rows active (always, for one right-hand side): views, not index copies of (k, p) blocks
+            rows: slice | Tensor = slice(None) if bool(active.all()) else active.nonzero().squeeze(1)
+            d_rows = d[rows]
+            md = self.apply_damped(d_rows)
+            curvature = (d_rows * md).sum(dim=1)
             bad = curvature <= 0
             if bad.any():
+                idx = torch.arange(k)[rows]
                 negative_curvature[idx[bad]] = True
                 active[idx[bad]] = False
                 keep = ~bad
-                idx, md, curvature = idx[keep], md[keep], curvature[keep]
-                if idx.numel() == 0:
+                rows, d_rows, md, curvature = idx[keep], d_rows[keep], md[keep], curvature[keep]
+                if rows.numel() == 0:
                     break
-            alpha = rz[idx] / curvature
-            x[idx] += alpha.unsqueeze(1) * d[idx]
-            r[idx] -= alpha.unsqueeze(1) * md
-            iterations[idx] += 1
-            z_new = precond(r[idx])
-            rz_new = (r[idx] * z_new).sum(dim=1)
-            beta = rz_new / rz[idx]
-            d[idx] = z_new + beta.unsqueeze(1) * d[idx]
-            rz[idx] = rz_new
+            alpha = (rz[rows] / curvature).unsqueeze(1)
+            x[rows] += alpha * d_rows
+            r[rows] -= alpha * md
+            iterations[rows] += 1
+            r_rows = r[rows]
+            z_new = precond(r_rows)
+            rz_new = (r_rows * z_new).sum(dim=1)
+            d[rows] = z_new + (rz_new / rz[rows]).unsqueeze(1) * d_rows
+            rz[rows] = rz_new
             norms = r.norm(dim=1)
             history.append(norms)
             active &= norms > threshold

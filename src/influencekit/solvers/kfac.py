@@ -103,12 +103,18 @@ class KFACSolver(Solver):
         return vector
 
     def damped_eigenvalues(self) -> dict[str, Tensor]:
-        """Per layer, the eigenvalues of the damped approximation (out, columns); raises if any is ~0."""
+        """Per layer, the eigenvalues of the damped approximation (out, columns); raises if any is ~0.
+
+        "~0" means at most (out + columns) eps max|eigenvalue|: the symmetric
+        eigensolver gets each eigenvalue of an m x m factor to about m eps times
+        its largest, so a product s_i a_j + lambda + damping below that bound
+        cannot be told from zero.
+        """
         out = {}
         for name, eigenvalues in self.approximation.eigenvalues().items():
             damping = self.layer_damping[name]
             denominators = eigenvalues + damping
-            tolerance = float(denominators.abs().max()) * denominators.numel() * torch.finfo(self.dtype).eps
+            tolerance = float(denominators.abs().max()) * sum(denominators.shape) * torch.finfo(self.dtype).eps
             bad = denominators <= tolerance
             if bad.any():
                 undamped = eigenvalues - self.approximation.objective.weight_decay
