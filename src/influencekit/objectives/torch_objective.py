@@ -294,7 +294,10 @@ class TorchObjective:
         # than the few FLOPs of a mini-batch.
         thetas = self.theta.detach().expand(k, -1).clone().requires_grad_()
         with torch.enable_grad():
-            means = vmap(lambda theta, batch: self.losses(theta, batch).mean())(thetas, batches)
+            if k == 1:  # one vector: plain matrix products, which beat a vmapped batch of one
+                means = self.losses(thetas[0], map_batch(lambda t: t[0], batches)).mean().reshape(1)
+            else:
+                means = vmap(lambda theta, batch: self.losses(theta, batch).mean())(thetas, batches)
             (gradients,) = torch.autograd.grad(means.sum(), thetas, create_graph=True)
             (products,) = torch.autograd.grad((gradients * vectors).sum(), thetas)
         return products + self.weight_decay * vectors
