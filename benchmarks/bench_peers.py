@@ -89,6 +89,8 @@ def rows(workload: str) -> list[dict[str, Any]]:
         return [
             dict(label="influencekit CG (Hessian), rtol 1e-5", library=ik, method="any", params={"method": "cg", "rtol": 1e-5}),
             dict(label="influencekit CG (Hessian), rtol 1e-4", library=ik, method="any", params={"method": "cg", "rtol": 1e-4}),
+            dict(label="influencekit CG (Hessian), rtol 3e-6", library=ik, method="any", params={"method": "cg", "rtol": 3e-6}),
+            dict(label="influencekit CG (Hessian), rtol 1e-6", library=ik, method="any", params={"method": "cg", "rtol": 1e-6}),
             dict(label="influencekit CG + K-FAC preconditioner (Hessian), rtol 1e-5", library=ik, method="any",
                  params={"method": "cg-kfac", "rtol": 1e-5}),
             dict(label="dattri CG, max_iter 100", library="dattri", method="cg", params={"max_iter": 100}),
