@@ -19,7 +19,11 @@ Liang's split, the first ``test_size`` official test images, validation images f
   semi-definite operator), TracInCP (checkpoints of the training run, its learning
   rate), and ``ensemble-<method>``: the method's scores averaged over
   ``ensemble_size`` models trained on all the data from independent seeds (member 0
-  is theta_hat), TRAK's remedy for the seed noise of non-convex training.
+  is theta_hat), TRAK's remedy for the seed noise of non-convex training. ``trak``: TRAK
+  (:mod:`influencekit.scores.trak`; projected margin gradients, Gaussian projection of
+  dimension k, ridge lambda, both tuned), scores -tau (the sign of I_up,loss; the LDS
+  against test losses equals TRAK's LDS against test margins, the loss being a decreasing
+  function of the margin); ``ensemble-trak`` is TRAK over ``ensemble_size`` models.
   Not run: exact influence (the 109,386 x 109,386 Hessian does not fit in memory); CG,
   block CG and LiSSA (hundreds of Hessian products with 600 right-hand sides each,
   beyond the 30-minute budget on 2 cores).
@@ -69,6 +73,7 @@ from influencekit.models.mlp import MNIST_MEAN, MNIST_STD, dattri_mnist_mlp
 from influencekit.objectives.torch_objective import TorchObjective
 from influencekit.persistence import atomic_write
 from influencekit.scores.influence import InfluenceFunction
+from influencekit.scores.trak import TRAK, TRAKFeatures, margin_objective
 from influencekit.solvers import ArnoldiSolver, DataInfSolver, KFACSolver, NystromSketchSolver
 from influencekit.solvers.arnoldi import ArnoldiEigenpairs, arnoldi_eigenpairs
 from influencekit.solvers.nystrom import randomized_nystrom
@@ -177,6 +182,33 @@ class NetworkTracInScorer(Scorer):
         return self.tracin.self_influence((self.network.x, self.network.y)).double().numpy()
 
 
+class NetworkTRAKScorer(Scorer):
+    """TRAK (:mod:`influencekit.scores.trak`) on one network: scores = -tau, the sign of I_up,loss.
+
+    Features are fitted once per network and projection dimension k (a wider fit is narrowed, so the
+    grid's largest k is the only one computed while tuning); every damping reuses their eigendecomposition.
+    """
+
+    def __init__(self, network: Network, setting: dict[str, Any], config):
+        k = setting["projection_dim"]
+        objective = network.fit("margin", lambda: margin_objective(network.module, (network.x, network.y)))
+        features = network.fit(("trak", k), lambda: self._features(network, objective, k, config.seed))
+        self.trak = TRAK(objective, features=features, relative_damping=setting["relative_damping"])
+
+    @staticmethod
+    def _features(network: Network, objective, k: int, seed: int) -> TRAKFeatures:
+        wider = [key[1] for key in network.fits if isinstance(key, tuple) and key[0] == "trak" and key[1] > k]
+        return network.fits[("trak", min(wider))].narrow(k) if wider else TRAKFeatures.compute(objective, k, seed=seed)
+
+    def scores(self, tests):
+        return self.trak.scores(tests).loss_sign.numpy()
+
+    def self_scores(self):
+        """tau(z_i, i) = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i (1 - p_i) >= 0: how much z_i raises its own margin."""
+        eigenvalues, _, rotated = self.trak.features.spectrum
+        return ((rotated**2 / (eigenvalues + self.trak.damping)).sum(1) * self.trak.features.out_to_loss).numpy()
+
+
 SELF_INFLUENCE_TOO_COSTLY = ("self-influence of all n points needs n solves (or the n x n gradient Gram matrix): beyond the "
                              "30-minute budget for p > 20,000 parameters")
 SELF_INFLUENCE_MAX_DIM = 20_000
@@ -230,10 +262,13 @@ METHODS: dict[str, NetworkMethod] = {
     "arnoldi": NetworkMethod([{"rank": 30, "damping": d} for d in DAMPINGS], _influence(_arnoldi)),
     "nystrom": NetworkMethod([{"rank": 60, "damping": d} for d in DAMPINGS], _influence(_nystrom)),
     "tracin": NetworkMethod([{"checkpoints": "epochs", "learning_rate": "sgd lr"}], lambda net, s, c: NetworkTracInScorer(net)),
+    # largest k first: the smaller ones are narrowed from its features
+    "trak": NetworkMethod([{"projection_dim": k, "relative_damping": d} for k in (2048, 1024, 512) for d in (0.0, 1e-3, 1e-2, 1e-1)],
+                          NetworkTRAKScorer),
 }
-ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac", "ensemble-nystrom")
+ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac", "ensemble-nystrom", "ensemble-trak")
 ALL_METHODS = (*METHODS, *ENSEMBLES)
-DEFAULT_METHODS = ("kfac", "ekfac", "datainf", "arnoldi", "nystrom", "tracin", "ensemble-ekfac", "ensemble-kfac")
+DEFAULT_METHODS = ("kfac", "ekfac", "datainf", "arnoldi", "nystrom", "tracin", "trak", "ensemble-ekfac", "ensemble-kfac", "ensemble-trak")
 
 
 def _checkpoint_epochs(epochs: int, count: int = 3) -> tuple[int, ...]:
