@@ -8,7 +8,7 @@ import torch
 
 from influencekit.evaluation import linear_datamodeling_score, subset_masks
 from influencekit.objectives.softmax_regression import fit_softmax_regression
-from influencekit.scores.trak import TRAK, TRAKFeatures, gaussian_projection, margin_objective
+from influencekit.scores.trak import TRAK, TRAKFeatures, ensemble_scores, gaussian_projection, margin_objective
 
 
 def _data(n: int, d: int = 4, classes: int = 3, seed: int = 0):
@@ -138,3 +138,15 @@ def test_sign_against_retraining_loss_and_margin_outputs_give_the_same_lds():
     assert on_loss == pytest.approx(on_margin, abs=1e-12)  # the loss is a decreasing function of the margin
     assert on_loss > 0.5
     assert linear_datamodeling_score(scores.margin_effect.numpy(), masks, losses, n_bootstrap=0).lds < -0.5
+
+
+def test_ensemble_averages_kernels_and_weights_apart():
+    """TRAK over M models: mean_m(kernel_m) * mean_m(Q_m), computed here from two models' explicit parts."""
+    weights, train, tests = _setting()
+    first = TRAK(margin_objective(_linear(weights), train), projection_dim=8, seed=0).scores(tests)
+    second = TRAK(margin_objective(_linear(1.3 * weights), train), projection_dim=8, seed=0).scores(tests)
+    both = ensemble_scores([first, second])
+    expected = 0.5 * (first.kernel + second.kernel) * (0.5 * (first.out_to_loss + second.out_to_loss))[None, :]
+    np.testing.assert_allclose(both.margin_effect.numpy(), expected.numpy(), rtol=1e-12)
+    assert not np.allclose(both.margin_effect.numpy(), 0.5 * (first.margin_effect + second.margin_effect).numpy(), rtol=1e-3)
+    np.testing.assert_array_equal(ensemble_scores([first]).margin_effect.numpy(), first.margin_effect.numpy())
