@@ -15,14 +15,14 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     argv = ["evaluate", "--workload", "mnist-mlp", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
             "--train-size", "160", "--test-size", "16", "--num-subsets", "12", "--val-subsets", "4", "--val-test-size", "8",
             "--epochs", "20", "--warm-epochs", "2", "--ensemble-size", "2", "--n-bootstrap", "50",
-            "--methods", "kfac", "tracin", "ensemble-kfac", "trak"]
+            "--methods", "kfac", "tracin", "ensemble-kfac", "trak", "ensemble-trak"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["workload"] == "mnist-mlp" and results["complete"]
     assert results["test_accuracy"] > 0.5  # the network learnt the synthetic digits
     assert results["retrain"]["sgd"] == {"epochs": 20, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
     methods = results["methods"]
-    assert set(methods) == {"kfac", "tracin", "ensemble-kfac", "trak"}
+    assert set(methods) == {"kfac", "tracin", "ensemble-kfac", "trak", "ensemble-trak"}
     for r in methods.values():
         for key in ("lds", "lds_ci", "lds_warm", "loo_pearson", "mislabel_auc", "seconds", "peak_mb", "settings"):
             assert key in r
@@ -36,6 +36,7 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     trak_tuning = methods["trak"]["tuning"]
     assert all("relative_damping >=" in t["error"] for t in trak_tuning if t["setting"]["relative_damping"] == 0.0)
     assert methods["trak"]["settings"]["relative_damping"] > 0
+    assert methods["ensemble-trak"]["settings"] == {**methods["trak"]["settings"], "members": 2, "method": "trak"}
 
     # the damping was chosen on the held-out subsets and validation images: the best recorded validation LDS
     tuning = methods["kfac"]["tuning"]
