@@ -36,7 +36,12 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     trak_tuning = methods["trak"]["tuning"]
     assert all("relative_damping >=" in t["error"] for t in trak_tuning if t["setting"]["relative_damping"] == 0.0)
     assert methods["trak"]["settings"]["relative_damping"] > 0
-    assert methods["ensemble-trak"]["settings"] == {**methods["trak"]["settings"], "members": 2, "method": "trak"}
+    # ensemble-trak keeps trak's k and chooses its ridge again, for the ensemble, on the held-out data
+    ensemble_tuning = methods["ensemble-trak"]["tuning"]
+    assert {t["setting"]["relative_damping"] for t in ensemble_tuning} == {0.0, 0.1, 0.3, 1.0, 3.0}
+    best = max((t for t in ensemble_tuning if t["val_lds"] is not None), key=lambda t: t["val_lds"])["setting"]
+    assert methods["ensemble-trak"]["settings"] == {**best, "members": 2, "method": "trak"}
+    assert best["projection_dim"] == methods["trak"]["settings"]["projection_dim"]
 
     # the damping was chosen on the held-out subsets and validation images: the best recorded validation LDS
     tuning = methods["kfac"]["tuning"]
