@@ -15,14 +15,14 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     argv = ["evaluate", "--workload", "mnist-mlp", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
             "--train-size", "160", "--test-size", "16", "--num-subsets", "12", "--val-subsets", "4", "--val-test-size", "8",
             "--epochs", "20", "--warm-epochs", "2", "--ensemble-size", "2", "--n-bootstrap", "50",
-            "--methods", "kfac", "tracin", "ensemble-kfac"]
+            "--methods", "kfac", "tracin", "ensemble-kfac", "trak", "ensemble-trak"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["workload"] == "mnist-mlp" and results["complete"]
     assert results["test_accuracy"] > 0.5  # the network learnt the synthetic digits
     assert results["retrain"]["sgd"] == {"epochs": 20, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
     methods = results["methods"]
-    assert set(methods) == {"kfac", "tracin", "ensemble-kfac"}
+    assert set(methods) == {"kfac", "tracin", "ensemble-kfac", "trak", "ensemble-trak"}
     for r in methods.values():
         for key in ("lds", "lds_ci", "lds_warm", "loo_pearson", "mislabel_auc", "seconds", "peak_mb", "settings"):
             assert key in r
@@ -31,6 +31,17 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     assert methods["tracin"]["mislabel_auc"] > 0.5
     assert methods["kfac"]["mislabel_auc"] is None and "n solves" in methods["kfac"]["mislabel_skipped"]
     assert methods["ensemble-kfac"]["mislabel_auc"] is None
+    # TRAK's self-influence is the diagonal of its (cheap) ridge solve; k = 2048 > n = 160 leaves Phi^T Phi singular
+    assert methods["trak"]["mislabel_auc"] is not None
+    trak_tuning = methods["trak"]["tuning"]
+    assert all("relative_damping >=" in t["error"] for t in trak_tuning if t["setting"]["relative_damping"] == 0.0)
+    assert methods["trak"]["settings"]["relative_damping"] > 0
+    # ensemble-trak keeps trak's k and chooses its ridge again, for the ensemble, on the held-out data
+    ensemble_tuning = methods["ensemble-trak"]["tuning"]
+    assert {t["setting"]["relative_damping"] for t in ensemble_tuning} == {0.0, 0.1, 0.3, 1.0, 3.0}
+    best = max((t for t in ensemble_tuning if t["val_lds"] is not None), key=lambda t: t["val_lds"])["setting"]
+    assert methods["ensemble-trak"]["settings"] == {**best, "members": 2, "method": "trak"}
+    assert best["projection_dim"] == methods["trak"]["settings"]["projection_dim"]
 
     # the damping was chosen on the held-out subsets and validation images: the best recorded validation LDS
     tuning = methods["kfac"]["tuning"]

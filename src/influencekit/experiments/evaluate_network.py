@@ -19,7 +19,13 @@ Liang's split, the first ``test_size`` official test images, validation images f
   semi-definite operator), TracInCP (checkpoints of the training run, its learning
   rate), and ``ensemble-<method>``: the method's scores averaged over
   ``ensemble_size`` models trained on all the data from independent seeds (member 0
-  is theta_hat), TRAK's remedy for the seed noise of non-convex training.
+  is theta_hat), TRAK's remedy for the seed noise of non-convex training. ``trak``: TRAK
+  (:mod:`influencekit.scores.trak`; projected margin gradients, Gaussian projection of
+  dimension k, ridge lambda, both tuned), scores -tau (the sign of I_up,loss; the LDS
+  against test losses equals TRAK's LDS against test margins, the loss being a decreasing
+  function of the margin); ``ensemble-trak`` is TRAK over ``ensemble_size`` models (kernels and
+  loss-to-output weights averaged apart, the paper's estimator), with ``trak``'s k and its ridge
+  chosen again on the held-out data for the ensemble.
   Not run: exact influence (the 109,386 x 109,386 Hessian does not fit in memory); CG,
   block CG and LiSSA (hundreds of Hessian products with 600 right-hand sides each,
   beyond the 30-minute budget on 2 cores).
@@ -69,6 +75,7 @@ from influencekit.models.mlp import MNIST_MEAN, MNIST_STD, dattri_mnist_mlp
 from influencekit.objectives.torch_objective import TorchObjective
 from influencekit.persistence import atomic_write
 from influencekit.scores.influence import InfluenceFunction
+from influencekit.scores.trak import TRAK, TRAKFeatures, TRAKScores, ensemble_scores, margin_objective
 from influencekit.solvers import ArnoldiSolver, DataInfSolver, KFACSolver, NystromSketchSolver
 from influencekit.solvers.arnoldi import ArnoldiEigenpairs, arnoldi_eigenpairs
 from influencekit.solvers.nystrom import randomized_nystrom
@@ -177,6 +184,33 @@ class NetworkTracInScorer(Scorer):
         return self.tracin.self_influence((self.network.x, self.network.y)).double().numpy()
 
 
+class NetworkTRAKScorer(Scorer):
+    """TRAK (:mod:`influencekit.scores.trak`) on one network: scores = -tau, the sign of I_up,loss.
+
+    Features are fitted once per network and projection dimension k (a wider fit is narrowed, so the
+    grid's largest k is the only one computed while tuning); every damping reuses their eigendecomposition.
+    """
+
+    def __init__(self, network: Network, setting: dict[str, Any], config):
+        k = setting["projection_dim"]
+        objective = network.fit("margin", lambda: margin_objective(network.module, (network.x, network.y)))
+        features = network.fit(("trak", k), lambda: self._features(network, objective, k, config.seed))
+        self.trak = TRAK(objective, features=features, relative_damping=setting["relative_damping"])
+
+    @staticmethod
+    def _features(network: Network, objective, k: int, seed: int) -> TRAKFeatures:
+        wider = [key[1] for key in network.fits if isinstance(key, tuple) and key[0] == "trak" and key[1] > k]
+        return network.fits[("trak", min(wider))].narrow(k) if wider else TRAKFeatures.compute(objective, k, seed=seed)
+
+    def scores(self, tests):
+        return self.trak.scores(tests).loss_sign.numpy()
+
+    def self_scores(self):
+        """tau(z_i, i) = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i (1 - p_i) >= 0: how much z_i raises its own margin."""
+        eigenvalues, _, rotated = self.trak.features.spectrum
+        return ((rotated**2 / (eigenvalues + self.trak.damping)).sum(1) * self.trak.features.out_to_loss).numpy()
+
+
 SELF_INFLUENCE_TOO_COSTLY = ("self-influence of all n points needs n solves (or the n x n gradient Gram matrix): beyond the "
                              "30-minute budget for p > 20,000 parameters")
 SELF_INFLUENCE_MAX_DIM = 20_000
@@ -230,10 +264,13 @@ METHODS: dict[str, NetworkMethod] = {
     "arnoldi": NetworkMethod([{"rank": 30, "damping": d} for d in DAMPINGS], _influence(_arnoldi)),
     "nystrom": NetworkMethod([{"rank": 60, "damping": d} for d in DAMPINGS], _influence(_nystrom)),
     "tracin": NetworkMethod([{"checkpoints": "epochs", "learning_rate": "sgd lr"}], lambda net, s, c: NetworkTracInScorer(net)),
+    # largest k first: the smaller ones are narrowed from its features
+    "trak": NetworkMethod([{"projection_dim": k, "relative_damping": d} for k in (1024, 512) for d in (0.0, 0.1, 0.3, 1.0, 3.0)],
+                          NetworkTRAKScorer),
 }
-ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac", "ensemble-nystrom")
+ENSEMBLES = ("ensemble-ekfac", "ensemble-kfac", "ensemble-nystrom", "ensemble-trak")
 ALL_METHODS = (*METHODS, *ENSEMBLES)
-DEFAULT_METHODS = ("kfac", "ekfac", "datainf", "arnoldi", "nystrom", "tracin", "ensemble-ekfac", "ensemble-kfac")
+DEFAULT_METHODS = ("kfac", "ekfac", "datainf", "arnoldi", "nystrom", "tracin", "trak", "ensemble-ekfac", "ensemble-kfac", "ensemble-trak")
 
 
 def _checkpoint_epochs(epochs: int, count: int = 3) -> tuple[int, ...]:
@@ -347,7 +384,9 @@ def _evaluate_method(name, config, members, noisy, tests, val_tests, masks, val_
     tuning_seconds = time.perf_counter() - t  # includes the fits (K-FAC factors, eigenpairs) that scoring reuses
     with PeakMemory() as memory:
         t = time.perf_counter()
-        if ensemble:
+        if ensemble and base == "trak":
+            scores, chosen, tuning = _ensemble_trak(members, chosen, config, tests, val_tests, val_masks, actual_val)
+        elif ensemble:
             total = None
             for member in members:  # one member's gradient matrix in memory at a time
                 part = method.build(member, chosen, config).scores(tests)
@@ -374,6 +413,42 @@ def _evaluate_method(name, config, members, noisy, tests, val_tests, masks, val_
         settings.update(members=len(members), method=base)
     return {**lds.as_dict(), "lds_warm": lds_warm, "loo_pearson": None, **mislabel, "seconds": seconds,
             "peak_mb": memory.mb, "settings": settings, "tuning": tuning, "tuning_seconds": tuning_seconds}
+
+
+def _ensemble_trak(members: list[Network], chosen: dict, config, tests, val_tests, val_masks, actual_val):
+    """TRAK over the members (kernels and Q averaged apart), its ridge chosen on held-out data *for the ensemble*.
+
+    A single model's held-out LDS (about 0.1) cannot tell the dampings apart; the ensemble's can, and
+    each member's eigendecomposition serves every damping of the grid, so the choice costs only the
+    held-out scores. k is the base method's choice. Returns (scores, setting, tuning records).
+    """
+    dampings = sorted({s["relative_damping"] for s in METHODS["trak"].grid})
+    parts: dict[float, dict[str, list[TRAKScores]]] = {d: {"test": [], "val": []} for d in dampings}
+    failed: dict[float, str] = {}
+    for member in members:  # one member's features in memory at a time
+        scorer = NetworkTRAKScorer(member, chosen, config)
+        for d in dampings:
+            if d in failed:
+                continue
+            try:
+                trak = TRAK(scorer.trak.objective, features=scorer.trak.features, relative_damping=d)
+            except ValueError as error:
+                failed[d] = str(error).splitlines()[0]
+                continue
+            parts[d]["test"].append(trak.scores(tests))
+            parts[d]["val"].append(trak.scores(val_tests))
+        if member is not members[0]:
+            member.objective._matrix, member.fits = None, {}
+    tuning = [{"setting": {**chosen, "relative_damping": d}, "val_lds": None, "error": failed[d]} if d in failed else
+              {"setting": {**chosen, "relative_damping": d}, "members": len(members),
+               "val_lds": linear_datamodeling_score(ensemble_scores(parts[d]["val"]).loss_sign.numpy(), val_masks, actual_val,
+                                                    n_bootstrap=0).lds}
+              for d in dampings]
+    scored = [t for t in tuning if t["val_lds"] is not None]
+    if not scored:
+        raise ValueError(f"every damping failed for ensemble-trak: {failed}")
+    best = max(scored, key=lambda t: t["val_lds"])["setting"]
+    return ensemble_scores(parts[best["relative_damping"]]["test"]).loss_sign.numpy(), best, tuning
 
 
 def _write(config, workload: NetworkWorkload, results, baseline, context, final=False) -> dict:

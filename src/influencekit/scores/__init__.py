@@ -6,6 +6,8 @@
   with respect to a training input.
 * :mod:`~influencekit.scores.fastif` -- FastIF: influence restricted to kNN-preselected
   candidates, and its recall@m.
+* :mod:`~influencekit.scores.trak` -- TRAK (Park et al. 2023): projected margin gradients of one
+  model or an ensemble, for classifiers (:class:`TRAK`, :func:`ensemble_scores`).
 * :mod:`~influencekit.scores.matrix` -- score matrices larger than memory: many test points
   x all training points into zarr, resumable, on Dask (``influencekit score``).
 """
@@ -21,6 +23,7 @@ from influencekit.scores.fastif import (
 from influencekit.scores.influence import InfluenceFunction, InfluenceScores, TopK
 from influencekit.scores.matrix import ScoreMatrixSpec, ScoreRunReport, compute_score_matrix
 from influencekit.scores.perturbation import perturbation_influence, perturbation_influence_from_inverse_hvp
+from influencekit.scores.trak import TRAK, TRAKFeatures, TRAKScores, ensemble_scores
 
 __all__ = [
     "FastIFResult",
@@ -29,9 +32,13 @@ __all__ = [
     "RecallTable",
     "ScoreMatrixSpec",
     "ScoreRunReport",
+    "TRAK",
+    "TRAKFeatures",
+    "TRAKScores",
     "TopK",
     "candidate_influence",
     "compute_score_matrix",
+    "ensemble_scores",
     "fastif_recall_table",
     "fastif_top_m",
     "perturbation_influence",
