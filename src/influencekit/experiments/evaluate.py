@@ -44,7 +44,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,10 +315,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         if config.workload not in NETWORKS:
             raise NotImplementedError(f"workload {config.workload!r} is not available yet; choose from mnist-lr, {', '.join(NETWORKS)}")
         return evaluate_network(config)
-    methods = list(config.methods or ALL_METHODS)
-    unknown = sorted(set(methods) - set(ALL_METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    methods = selected_methods(config, ALL_METHODS, ALL_METHODS)
     start = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -366,6 +363,15 @@ def evaluate(config: EvaluateConfig) -> dict:
     document = _write(config, results, baseline, scratch, warm, masks, loo_seconds, scratch_seconds, warm_seconds, start, final=True)
     write_evaluate_report(config, document, (x, y), tests, dict(zip(loo_points.tolist(), loo_actual[0].tolist())))
     return document
+
+
+def selected_methods(config, known: Sequence[str], default: Sequence[str]) -> list[str]:
+    """``config.methods`` (or ``default`` when none are given), each checked against the workload's ``known`` methods."""
+    methods = list(config.methods or default)
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} for {config.workload}; choose from {', '.join(known)}")
+    return methods
 
 
 def tune_on_held_out(method, model, config, val_tests, val_masks, actual_val) -> tuple[dict, list[dict]]:

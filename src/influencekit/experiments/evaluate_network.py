@@ -68,6 +68,7 @@ from influencekit.experiments.evaluate import (
     _plot,
     _save_scores,
     markdown_table,
+    selected_methods,
     tune_on_held_out,
 )
 from influencekit.linalg import check_directions
@@ -296,10 +297,7 @@ def _train_full(workload: NetworkWorkload, x, y, seeds: list[int]) -> list[Netwo
 
 def evaluate_network(config) -> dict:
     """The evaluation of a network workload; writes results.json, results.md, lds.png and scores/ into ``config.out``."""
-    methods = list(config.methods or DEFAULT_METHODS)
-    unknown = sorted(set(methods) - set(ALL_METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown} for {config.workload}; choose from {', '.join(ALL_METHODS)}")
+    methods = selected_methods(config, ALL_METHODS, DEFAULT_METHODS)
     start = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
