@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator, DenseOperator
+from influencekit.curvature.kfac import KFACCurvature
 from influencekit.linalg import check_directions
 from influencekit.persistence import load_checked, save_tensors
-from influencekit.curvature.kfac import KFACCurvature
 from influencekit.solvers.kfac import KFACSolver
 from influencekit.solvers.nystrom import NystromApproximation, SavedNystrom, randomized_nystrom
 
