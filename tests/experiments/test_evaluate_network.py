@@ -64,3 +64,16 @@ def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
     assert scores.shape == (16, 160)
     np.testing.assert_allclose(linear_datamodeling_score(scores, masks, actual, n_bootstrap=0).lds, methods["kfac"]["lds"])
     assert "| kfac |" in (out / "results.md").read_text()
+
+
+def test_unset_ensemble_and_batch_sizes_take_the_workloads_defaults(tmp_path):
+    from influencekit.experiments.evaluate import EvaluateConfig, with_workload_defaults
+    from influencekit.experiments.evaluate_network import WORKLOADS
+
+    mlp = WORKLOADS["mnist-mlp"]
+    filled = with_workload_defaults(EvaluateConfig(out=tmp_path, workload="mnist-mlp"), ensemble_size=mlp.ensemble_size,
+                                    retrain_batch_size=mlp.retrain_batch_size)
+    assert (filled.ensemble_size, filled.retrain_batch_size) == (20, 30)
+    given = with_workload_defaults(EvaluateConfig(out=tmp_path, ensemble_size=2, retrain_batch_size=5), ensemble_size=20,
+                                   retrain_batch_size=30)
+    assert (given.ensemble_size, given.retrain_batch_size) == (2, 5)

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,26 @@ class EvaluateConfig:
     tol: float = 1e-10
     loo_points: int = 100
     mislabel_fraction: float = 0.1
-    ensemble_size: int = 3
+    ensemble_size: int | None = None  # None: the workload's (mnist-lr 3; network workloads, see evaluate_network)
     lissa_depth: int = 1000
     lissa_batch_size: int = 50
     n_bootstrap: int = 1000
     seed: int = 0
     workers: int = 2
     scheduler: str | None = None
-    retrain_batch_size: int = 10
+    retrain_batch_size: int | None = None  # subsets per retraining task; None: the workload's (mnist-lr 10)
     epochs: int | None = None  # network workloads: SGD epochs (None: the workload's, 50 for mnist-mlp)
     warm_epochs: int = 10  # network workloads: epochs of the warm-started retraining (0: skip it)
     progress: bool = False
+
+
+def with_workload_defaults(config: EvaluateConfig, *, ensemble_size: int, retrain_batch_size: int) -> EvaluateConfig:
+    """``config`` with the workload-dependent settings it leaves unset (None) filled in."""
+    return dataclasses.replace(
+        config,
+        ensemble_size=ensemble_size if config.ensemble_size is None else config.ensemble_size,
+        retrain_batch_size=retrain_batch_size if config.retrain_batch_size is None else config.retrain_batch_size,
+    )
 
 
 def _log(message: str) -> None:
@@ -315,6 +325,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         if config.workload not in NETWORKS:
             raise NotImplementedError(f"workload {config.workload!r} is not available yet; choose from mnist-lr, {', '.join(NETWORKS)}")
         return evaluate_network(config)
+    config = with_workload_defaults(config, ensemble_size=3, retrain_batch_size=10)
     methods = selected_methods(config, ALL_METHODS, ALL_METHODS)
     start = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)
