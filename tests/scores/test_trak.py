@@ -150,3 +150,29 @@ def test_ensemble_averages_kernels_and_weights_apart():
     np.testing.assert_allclose(both.margin_effect.numpy(), expected.numpy(), rtol=1e-12)
     assert not np.allclose(both.margin_effect.numpy(), 0.5 * (first.margin_effect + second.margin_effect).numpy(), rtol=1e-3)
     np.testing.assert_array_equal(ensemble_scores([first]).margin_effect.numpy(), first.margin_effect.numpy())
+
+
+def test_bfloat16_projection_is_within_its_rounding_of_the_float32_one():
+    weights, train, tests = _setting()
+    objective = margin_objective(_linear(weights), train)
+    low = TRAKFeatures.compute(objective, 64, seed=2, projection_dtype=torch.bfloat16)
+    assert low.projection.dtype == torch.bfloat16
+    reference = gaussian_projection(objective.dim, 64, seed=2).double()  # the same draws, kept in float32
+    # bfloat16 keeps 8 significant bits: each entry of P within 2^-8 relative of its float32 draw
+    np.testing.assert_allclose(low.projection.double().numpy(), reference.numpy(), rtol=2.0**-8, atol=0)
+    exact = objective.measurement_gradients(train) @ reference  # float64 product of the float64 gradients
+    error = (low.train - exact).norm(dim=1) / exact.norm(dim=1)
+    assert float(error.max()) < 1e-2  # inputs and output rounded at 2^-8 each, errors of random sign
+    high = TRAKFeatures.compute(objective, 64, seed=2, projection_dtype=torch.float32)
+    kernels = [TRAK(objective, features=f, relative_damping=0.1).scores(tests).kernel for f in (low, high)]
+    assert float((kernels[0] - kernels[1]).norm() / kernels[1].norm()) < 2e-2
+
+
+def test_scores_from_precomputed_test_features_equal_scores_of_the_tests():
+    weights, train, tests = _setting()
+    objective = margin_objective(_linear(weights), train)
+    trak = TRAK(objective, projection_dim=30, seed=1, relative_damping=0.3)
+    direct = trak.scores(tests)
+    phi = trak.test_features(tests)
+    np.testing.assert_allclose(phi.numpy(), (objective.measurement_gradients(tests) @ trak.features.projection).numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(trak.scores_of_features(phi).kernel.numpy(), direct.kernel.numpy())
