@@ -18,7 +18,7 @@ def koh_liang_cnn(channels: int = 8, num_classes: int = 10, image_size: int = 28
     W2 (W1 avg(h) + b1) + b2 and the penalty (wd/2)(||W1||^2 + ||b1||^2 + ||W2||^2) are unchanged
     by (W1, b1, W2) -> (Q W1, Q b1, W2 Q^T) for every orthogonal Q in O(num_classes), so R is constant
     along a manifold through every point, and at any critical point with W1, b1 != 0 the Hessian has
-    a null space (the orbit's tangent, dimension dim so(10) - dim so(10 - rank [W1 b1]) >= 9): no such
+    a null space (the orbit's tangent, dimension dim so(k) - dim so(k - rank [W1 b1]) >= k - 1, k = num_classes): no such
     model can be at a minimum with H positive definite.
     """
     layers: list[nn.Module] = [nn.Unflatten(1, (1, image_size, image_size))]
