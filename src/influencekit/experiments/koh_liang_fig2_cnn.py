@@ -68,6 +68,8 @@ class CNNConfig(RetrainingRunConfig):
     budget_steps: int = 30
     budget_lr: float | None = None
     adam_epochs: int = 30
+    adam_batch: int = 100
+    adam_lr: float = 3e-3
     lbfgs_max_iter: int = 300
     gauss_newton_steps: int = 100
     seed: int = 0
@@ -93,7 +95,7 @@ def reproduce(config: CNNConfig) -> dict:
     torch.manual_seed(config.seed)
     fit = fit_to_local_optimum(
         koh_liang_cnn(config.channels), "cross_entropy", x, y, config.weight_decay, tol=config.optimum_tol, adam_epochs=config.adam_epochs,
-        lbfgs_max_iter=config.lbfgs_max_iter, max_gauss_newton_steps=config.gauss_newton_steps, seed=config.seed, log=_log,
+        adam_batch=config.adam_batch, adam_lr=config.adam_lr, lbfgs_max_iter=config.lbfgs_max_iter, max_gauss_newton_steps=config.gauss_newton_steps, seed=config.seed, log=_log,
     )
     objective, hessian, spectrum = fit.objective, fit.hessian, fit.spectrum
     test_accuracy = float((objective.outputs(objective.theta, (x_test.double(), y_test)).argmax(1) == y_test).double().mean())
@@ -213,6 +215,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-lr", type=float, default=None, help="step size of the 'budget' mode (default 1 / largest eigenvalue)")
     parser.add_argument("--tol", type=float, default=d.refit_tol, help="gradient-norm tolerance of the optimum and of the refits")
     parser.add_argument("--adam-epochs", type=int, default=d.adam_epochs)
+    parser.add_argument("--adam-batch", type=int, default=d.adam_batch, help="Adam mini-batch size (>= the training size: full-batch Adam)")
+    parser.add_argument("--adam-lr", type=float, default=d.adam_lr)
     parser.add_argument("--lbfgs-max-iter", type=int, default=d.lbfgs_max_iter)
     parser.add_argument("--gauss-newton-steps", type=int, default=d.gauss_newton_steps,
                         help="most Levenberg-Marquardt steps with the explicit Gauss-Newton matrix before exact Newton")
@@ -228,7 +232,7 @@ def _config_from_args(args: argparse.Namespace) -> CNNConfig:
     return CNNConfig(
         out=args.out, data_dir=args.data_dir, download=not args.no_download, test_index=args.test_index, num_points=args.num_points, train_size=args.train_size, channels=args.channels,
         damping=args.damping, modes=[m.strip() for m in args.modes.split(",") if m.strip()], budget_steps=args.budget_steps,
-        budget_lr=args.budget_lr, optimum_tol=args.tol, refit_tol=args.tol, adam_epochs=args.adam_epochs,
+        budget_lr=args.budget_lr, optimum_tol=args.tol, refit_tol=args.tol, adam_epochs=args.adam_epochs, adam_batch=args.adam_batch, adam_lr=args.adam_lr,
         lbfgs_max_iter=args.lbfgs_max_iter, gauss_newton_steps=args.gauss_newton_steps, seed=args.seed, workers=args.workers, scheduler=args.scheduler,
         cache_dir=args.cache_dir, allow_untrustworthy=args.allow_untrustworthy, progress=False if args.no_progress else None,
     )

@@ -302,7 +302,12 @@ class TorchObjective:
             (products,) = torch.autograd.grad((gradients * vectors).sum(), thetas)
         return products + self.weight_decay * vectors
 
-    def hessian(self, block: int = 256) -> Tensor:
-        """Explicit Hessian of R, built from HVPs with ``block`` unit vectors at a time."""
+    def hessian(self, block: int = 64) -> Tensor:
+        """Explicit Hessian of R, built from HVPs with ``block`` unit vectors at a time.
+
+        64 (benchmarks/RESULTS.md, "Issue 13, reduced CI test"): batched backward passes
+        over more vectors get slower per vector on the CPU (reduced Figure 2 CNN, p = 312:
+        14 s with 64, 29 s with 256; logistic regression, p = 7,850: 37 s against 45 s).
+        """
         eye = torch.eye(self.dim, dtype=self.dtype)
         return torch.cat([self.hvp(eye[i : i + block]) for i in range(0, self.dim, block)])
