@@ -28,10 +28,11 @@ Both: pixels normalised with dattri's mean 0.1307 and std 0.3081; float32. Data 
   output = test cross-entropy in eval mode. ``lds_warm``: the same subsets trained
   ``warm_epochs`` epochs from theta_hat (same schedule).
 * **Methods** (all on theta_hat, the model trained on all n points in eval mode):
-  K-FAC, EK-FAC (``KFACSolver``; the GGN's Kronecker factors), DataInf (one block
-  per parameter tensor: each layer's weight, its bias), Arnoldi and the Nystrom sketch (top eigenpairs of the Gauss-Newton matrix:
-  the Hessian of a model stopped by SGD is indefinite and the sketch needs a positive
-  semi-definite operator), TracInCP (checkpoints of the training run, its learning
+  K-FAC, EK-FAC (``KFACSolver``; the GGN's Kronecker factors of the Linear and Conv2d
+  layers), DataInf (one block per parameter tensor: each layer's weight, its bias),
+  Arnoldi and the Nystrom sketch (top eigenpairs of the Gauss-Newton matrix: the Hessian
+  of a model stopped by SGD is indefinite and the sketch needs a positive semi-definite
+  operator), TracInCP (checkpoints of the training run, its learning
   rate), and ``ensemble-<method>``: the method's scores averaged over
   ``ensemble_size`` models trained on all the data from independent seeds (member 0
   is theta_hat), TRAK's remedy for the seed noise of non-convex training. ``trak``: TRAK
