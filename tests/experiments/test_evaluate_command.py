@@ -10,6 +10,8 @@ import torch
 
 from headless_chromium import external_references
 from influencekit.cli import main
+from influencekit.experiments.evaluate import WORKLOADS, EvaluateConfig, evaluate
+from influencekit.experiments.evaluate_network import WORKLOADS as NETWORK_WORKLOADS
 from influencekit.objectives.softmax_batch import SoftmaxSubsetTrainer, fit_softmax_regression_subsets
 from influencekit.objectives.softmax_regression import fit_softmax_regression
 
@@ -75,7 +77,7 @@ def test_evaluate_command_reduced_mnist_lr(tmp_path, synthetic_mnist_dir):
     assert sorted(p.name for p in (out / "cache").rglob("*")) == before
 
 
-def test_evaluate_command_refuses_workloads_without_a_trainer(tmp_path, capsys):
-    code = main(["evaluate", "--workload", "mnist-cnn", "--out", str(tmp_path)])
-    assert code == 2
-    assert "'mnist-cnn' is not available yet; choose from mnist-lr, mnist-mlp" in capsys.readouterr().err
+def test_evaluate_offers_every_workload_it_runs_and_names_them_when_refusing(tmp_path):
+    assert set(WORKLOADS) == {"mnist-lr", *NETWORK_WORKLOADS}  # the command's choices are the workloads that run
+    with pytest.raises(ValueError, match="unknown workload 'mnist-vit'; choose from mnist-lr, mnist-mlp, mnist-cnn"):
+        evaluate(EvaluateConfig(out=tmp_path, workload="mnist-vit"))

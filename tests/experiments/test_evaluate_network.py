@@ -1,13 +1,20 @@
-"""``influencekit evaluate --workload mnist-mlp`` on a reduced workload (synthetic MNIST, few points and epochs)."""
+"""``influencekit evaluate --workload mnist-mlp | mnist-cnn`` on reduced workloads (synthetic MNIST, few points and epochs)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
 
 from influencekit.cli import main
+from influencekit.datasets import koh_liang_split, load_mnist
 from influencekit.evaluation import linear_datamodeling_score
+from influencekit.models.mlp import MNIST_MEAN, MNIST_STD
+from influencekit.models.small_cnn import koh_liang_cnn
+from influencekit.persistence import load_tensors
 
 
 def test_evaluate_command_reduced_mnist_mlp(tmp_path, synthetic_mnist_dir):
@@ -77,3 +84,81 @@ def test_unset_ensemble_and_batch_sizes_take_the_workloads_defaults(tmp_path):
     given = with_workload_defaults(EvaluateConfig(out=tmp_path, ensemble_size=2, retrain_batch_size=5), ensemble_size=20,
                                    retrain_batch_size=30)
     assert (given.ensemble_size, given.retrain_batch_size) == (2, 5)
+
+
+def _datainf_scores(model: torch.nn.Module, train: tuple, tests: tuple, damping: float | None) -> np.ndarray:
+    """DataInf's I_up,loss written out (Kwon et al. 2023), one block per parameter tensor, from per-example
+    gradients taken here with torch.func: for each block, R b = (1/lambda)(b - (1/n) sum_j g_j (g_j . b) / (lambda
+    + ||g_j||^2)) and score[t, i] = -sum_blocks g_t^T R g_i; lambda = 0.1 x mean squared gradient entry when None."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(theta, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, theta, (x[None],)), y[None])
+
+    def gradients(x, y):
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    g_train, g_test = gradients(*train), gradients(*tests)
+    n = len(train[1])
+    scores = torch.zeros(len(tests[1]), n, dtype=torch.float64)
+    for name in params:
+        b = g_train[name].reshape(n, -1).double()
+        a = g_test[name].reshape(len(tests[1]), -1).double()
+        lam = 0.1 * float((b**2).mean()) if damping is None else damping
+        ab = a @ b.T
+        scores -= (ab - (ab / (lam + (b**2).sum(1))) @ (b @ b.T) / n) / lam
+    return scores.numpy()
+
+
+def test_evaluate_command_reduced_mnist_cnn(tmp_path, synthetic_mnist_dir):
+    """Every kind of method on the convolutional network, and DataInf's numbers against an independent computation.
+
+    40 SGD steps leave this CNN barely trained (it needs a few hundred to leave its initial plateau; the
+    real run's accuracy is in benchmarks/RESULTS.md): the test checks the plumbing and the numbers, not
+    the quality of the attributions.
+    """
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--workload", "mnist-cnn", "--data-dir", str(synthetic_mnist_dir), "--out", str(out), "--workers", "0",
+            "--train-size", "120", "--test-size", "12", "--num-subsets", "10", "--val-subsets", "4", "--val-test-size", "6",
+            "--epochs", "20", "--warm-epochs", "2", "--ensemble-size", "2", "--n-bootstrap", "50",
+            "--methods", "kfac", "datainf", "arnoldi", "nystrom", "tracin", "trak", "ensemble-kfac"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["workload"] == "mnist-cnn" and results["complete"] and results["parameters"] == 2616
+    assert results["retrain"]["sgd"] == {"epochs": 20, "lr": 0.02, "momentum": 0.9, "batch_size": 64, "weight_decay": 0.0}
+    assert {"exact", "cg, block-cg, lissa", "loo_pearson"} <= set(results["not_run"])
+    methods = results["methods"]
+    assert set(methods) == {"kfac", "datainf", "arnoldi", "nystrom", "tracin", "trak", "ensemble-kfac"}
+    for name, r in methods.items():
+        assert np.isfinite(r["lds"]) and r["lds_ci"][0] <= r["lds"] <= r["lds_ci"][1], name
+        assert np.isfinite(r["lds_warm"]), name
+        # p = 2,616: every single-model method's self-influence is affordable, so mislabel detection runs
+        if name.startswith("ensemble-"):
+            assert r["mislabel_auc"] is None and "ensemble" in r["mislabel_skipped"]
+        else:
+            assert 0.0 <= r["mislabel_auc"] <= 1.0, name
+
+    # DataInf's scores of the saved theta_hat, written out independently from per-example gradients
+    tensors, saved = load_tensors(out / "model")
+    assert saved["workload"] == "mnist-cnn" and saved["dim"] == 2616
+    model = koh_liang_cnn()
+    model.load_state_dict(tensors)
+    model.eval()
+    split = koh_liang_split(load_mnist(synthetic_mnist_dir))
+    norm = lambda images: ((images - MNIST_MEAN) / MNIST_STD).float()  # noqa: E731
+    train, tests = (norm(split.x_train[:120]), split.y_train[:120]), (norm(split.x_test[:12]), split.y_test[:12])
+    with torch.no_grad():
+        accuracy = float((model(tests[0]).argmax(1) == tests[1]).float().mean())
+    assert accuracy == pytest.approx(results["test_accuracy"])  # the saved model is the one evaluated
+    expected = _datainf_scores(model, train, tests, methods["datainf"]["settings"]["damping"])
+    scores = np.load(out / "scores" / "datainf.npy")
+    assert scores.shape == (12, 120)
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+    # the reported LDS is the LDS of the saved scores on the saved retrained subsets
+    arrays = np.load(out / "subsets.npz")
+    for name in ("datainf", "ensemble-kfac"):
+        saved_scores = np.load(out / "scores" / f"{name}.npy")
+        lds = linear_datamodeling_score(saved_scores, arrays["masks"], arrays["actual"], n_bootstrap=0).lds
+        np.testing.assert_allclose(lds, methods[name]["lds"])
+    assert "| arnoldi |" in (out / "results.md").read_text()
