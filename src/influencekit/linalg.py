@@ -64,6 +64,24 @@ def check_directions(directions: Tensor, dim: int, name: str = "vectors") -> Ten
     return directions
 
 
+def check_mini_batches(indices: Tensor, k: int, *, expand: bool = True) -> Tensor:
+    """Validate the mini-batch indices of a product with k vectors (``sampled_matvec``).
+
+    ``indices`` is (g, B) with g dividing k: consecutive groups of k / g rows share a
+    mini-batch, row j uses indices[j // (k / g)]. g = k: one mini-batch per row;
+    g = 1, or a 1-D (B,): one for every row (LiSSA with T repeats passes g = T).
+    Returns (g, B) long; with ``expand``, (k, B) (row j's own batch), for
+    implementations that gather a batch per row anyway.
+    """
+    indices = torch.as_tensor(indices).long()
+    if indices.dim() == 1:
+        indices = indices.unsqueeze(0)
+    if indices.dim() != 2 or indices.shape[0] == 0 or k % indices.shape[0] or indices.shape[1] == 0:
+        raise ValueError(f"need mini-batch indices of shape (g, B) with g dividing k = {k} (or (B,)) and B >= 1, "
+                         f"got {tuple(indices.shape)}")
+    return indices.repeat_interleave(k // indices.shape[0], dim=0) if expand else indices
+
+
 def symmetrize_(matrix: Tensor, block: int = 1024) -> Tensor:
     """Replace a square matrix by (M + M^T) / 2 in place, ``block`` x ``block`` tiles at a time; returns it.
 
