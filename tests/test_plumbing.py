@@ -5,7 +5,7 @@ import multiprocessing
 import pytest
 import torch
 
-from influencekit.linalg import PackedCholesky, symmetrize_
+from influencekit.linalg import PackedCholesky, matmul, symmetrize_, transposed_product
 from influencekit.memory import peak_rss_mb
 
 
@@ -55,3 +55,16 @@ def test_a_spawned_process_reports_its_own_peak_not_its_parents():
     child.join()
     assert parent >= 300 and float(ballast[-1]) == 1.0
     assert child_peak < parent - 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matmul_of_a_transposed_operand_is_the_product(dtype):
+    # a^T b through (b^T a)^T for a transposed view, the plain product otherwise; against a loop of dot products
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 7, generator=gen, dtype=dtype), torch.randn(50, 9, generator=gen, dtype=dtype)
+    expected = torch.tensor([[float((a[:, i].double() * b[:, j].double()).sum()) for j in range(9)] for i in range(7)], dtype=dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul(a.T, b), expected, **tol)
+    torch.testing.assert_close(torch.from_numpy(transposed_product(a.numpy(), b.numpy())), expected, **tol)
+    torch.testing.assert_close(matmul(a.T.contiguous(), b), expected, **tol)
+    torch.testing.assert_close(matmul(b.T, a), expected.T, **tol)

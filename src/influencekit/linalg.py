@@ -29,11 +29,27 @@ def _numpy_view(tensor: Tensor) -> np.ndarray | None:
     return tensor.numpy()
 
 
+def transposed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^T b for a (K, M), b (K, N) -> (M, N), computed as (b^T a)^T (a transposed view of the result).
+
+    The same product, but OpenBLAS runs the second form far faster when M is small and
+    K large: the gradient of a softmax regression, M = C = 10, K = n = 5,000, N = d = 784,
+    takes 0.016 s against 0.34 s (2 cores); M = 100: 0.043 s against 0.25 s; and at
+    M = 5,000, K = 1,024 still 0.39 s against 0.50 s.
+    """
+    return (b.T @ a).T
+
+
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D tensors (m, k) x (k, n) -> (m, n), through OpenBLAS when both are plain CPU floats."""
+    """``a @ b`` for 2-D tensors (m, k) x (k, n) -> (m, n), through OpenBLAS when both are plain CPU floats.
+
+    When ``a`` is the transpose of a row-major array (``x.T``), :func:`transposed_product`.
+    """
     a_np, b_np = _numpy_view(a), _numpy_view(b)
     if a_np is None or b_np is None or a.dtype != b.dtype or a.dim() != 2 or b.dim() != 2:
         return a @ b
+    if a_np.T.flags.c_contiguous and not a_np.flags.c_contiguous:
+        return torch.from_numpy(transposed_product(a_np.T, b_np))
     return torch.from_numpy(a_np @ b_np)
 
 
@@ -62,6 +78,24 @@ def check_directions(directions: Tensor, dim: int, name: str = "vectors") -> Ten
     if directions.dim() != 2 or directions.shape[1] != dim:
         raise ValueError(f"{name} must have shape (k, {dim}), got {tuple(directions.shape)}")
     return directions
+
+
+def check_mini_batches(indices: Tensor, k: int, *, expand: bool = True) -> Tensor:
+    """Validate the mini-batch indices of a product with k vectors (``sampled_matvec``).
+
+    ``indices`` is (g, B) with g dividing k: consecutive groups of k / g rows share a
+    mini-batch, row j uses indices[j // (k / g)]. g = k: one mini-batch per row;
+    g = 1, or a 1-D (B,): one for every row (LiSSA with T repeats passes g = T).
+    Returns (g, B) long; with ``expand``, (k, B) (row j's own batch), for
+    implementations that gather a batch per row anyway.
+    """
+    indices = torch.as_tensor(indices).long()
+    if indices.dim() == 1:
+        indices = indices.unsqueeze(0)
+    if indices.dim() != 2 or indices.shape[0] == 0 or k % indices.shape[0] or indices.shape[1] == 0:
+        raise ValueError(f"need mini-batch indices of shape (g, B) with g dividing k = {k} (or (B,)) and B >= 1, "
+                         f"got {tuple(indices.shape)}")
+    return indices.repeat_interleave(k // indices.shape[0], dim=0) if expand else indices
 
 
 def symmetrize_(matrix: Tensor, block: int = 1024) -> Tensor:

@@ -243,8 +243,8 @@ def test_normalisation_does_not_depend_on_batching():
 def test_mismatched_batches_and_shapes_are_refused():
     model, (x, y) = make_mlp(), make_data("cross_entropy")
     objective = TorchObjective(model, "cross_entropy", (x, y))
-    with pytest.raises(ValueError, match="one mini-batch of indices per vector"):
-        GaussNewtonOperator(objective).sampled_matvec(torch.tensor([[0, 1]]), torch.randn(2, 43, dtype=DTYPE))
+    with pytest.raises(ValueError, match="g dividing k = 2"):  # 3 mini-batches cannot be shared by 2 rows
+        GaussNewtonOperator(objective).sampled_matvec(torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.randn(2, 43, dtype=DTYPE))
     with pytest.raises(ValueError, match=r"shape \(k, 43\)"):
         EmpiricalFisherOperator(objective).matvec(torch.randn(2, 42, dtype=DTYPE))
     closed_form = SoftmaxRegressionObjective(torch.zeros(3, 4, dtype=DTYPE), x, y, weight_decay=0.0)

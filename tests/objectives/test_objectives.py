@@ -123,6 +123,36 @@ def test_sampled_hvp_is_minibatch_hessian():
         torch.testing.assert_close(got[j], sub.hvp(v[j])[0], rtol=1e-12, atol=1e-12)
 
 
+def test_mini_batches_shared_by_groups_of_rows_are_those_batches_hessians():
+    # softmax (two GEMMs per group) and TorchObjective (expanded to a batch per row): indices (g, B),
+    # row j uses batch j // (k / g), against the explicit Hessian of the objective on exactly those
+    # examples (repeats included)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.rand(31, 6, generator=gen, dtype=torch.float64), torch.randint(0, 4, (31,), generator=gen)
+    weights = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    v = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+    fast = SoftmaxRegressionObjective(weights, x, y, weight_decay=0.03)
+    model = nn.Linear(6, 4, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(weights)
+    generic = TorchObjective(model, "cross_entropy", (x, y), weight_decay=0.03)
+
+    def batch_hessian(batch):
+        return SoftmaxRegressionObjective(weights, x[batch], y[batch], weight_decay=0.03).hessian()
+
+    shared = torch.tensor([2, 7, 7, 30, 0])
+    grouped = torch.tensor([[2, 7, 7, 30, 0], [1, 1, 5, 9, 12]])  # rows 0..2 and rows 3..5
+    for indices in (shared, shared.unsqueeze(0), grouped, grouped.repeat_interleave(3, dim=0)):
+        rows = indices.reshape(-1, 5).repeat_interleave(6 // indices.reshape(-1, 5).shape[0], dim=0)
+        expected = torch.stack([v[j] @ batch_hessian(rows[j]) for j in range(6)])
+        torch.testing.assert_close(fast.sampled_hvp(indices, v), expected, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(generic.sampled_hvp(indices, v), expected, rtol=1e-10, atol=1e-12)
+        assert float((expected - 0.03 * v).norm()) > 0.5 * float(expected.norm())  # H_B v, not just lambda v
+    for wrong in (torch.zeros(4, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="g dividing k = 6"):
+            fast.sampled_hvp(wrong, v)
+
+
 def test_batching_does_not_change_results():
     model, (x, y) = make_mlp(), make_data()
     v = torch.randn(60, 51, dtype=torch.float64)  # more right-hand sides than parameters (p = 51)

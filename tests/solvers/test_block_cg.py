@@ -95,3 +95,18 @@ def test_orthonormal_rows_drops_dependent_directions():
     projector = basis.T @ basis
     torch.testing.assert_close(base @ projector, base, rtol=0, atol=1e-12)
     assert orthonormal_rows(torch.zeros(2, 10, dtype=F64), 1e-12).shape == (0, 10)
+
+
+def test_orthonormal_rows_of_wide_and_tall_blocks_span_what_the_svd_spans():
+    # a wide block (m < p: QR, then the SVD of R) of rank 5 and a tall one (m > p: the SVD itself)
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(8, 5, generator=gen, dtype=F64) @ torch.randn(5, 40, generator=gen, dtype=F64)
+    tall = torch.randn(12, 3, generator=gen, dtype=F64) @ torch.randn(3, 6, generator=gen, dtype=F64)
+    for block, rank in ((wide, 5), (tall, 3)):
+        basis = orthonormal_rows(block, drop_tol=1e-10)
+        _, s, vh = torch.linalg.svd(block / block.norm(dim=1, keepdim=True), full_matrices=False)
+        reference = vh[s > 1e-10 * s[0]]
+        assert basis.shape == (rank, block.shape[1]) == reference.shape
+        torch.testing.assert_close(basis @ basis.T, torch.eye(rank, dtype=F64), rtol=0, atol=1e-13)
+        torch.testing.assert_close(basis.T @ basis, reference.T @ reference, rtol=0, atol=1e-12)
+        torch.testing.assert_close(block @ basis.T @ basis, block, rtol=0, atol=1e-11)

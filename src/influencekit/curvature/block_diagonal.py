@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from influencekit.curvature.base import CurvatureOperator
-from influencekit.linalg import check_directions
+from influencekit.linalg import check_directions, check_mini_batches
 from influencekit.parameters import ParameterSpace
 
 BlockIndices = Union[slice, Tensor, Sequence[int]]
@@ -179,12 +179,12 @@ class BlockDiagonalOperator(CurvatureOperator):
         return self._pick(self.operator.matvec(self._stack(vectors)), vectors.shape[0])
 
     def sampled_matvec(self, indices: Tensor, vectors: Tensor) -> Tensor:
-        """Rows (M_{B_j})_bd v_j with B_j = ``indices[j]``; indices (k, B), vectors (k, p) -> (k, p)."""
+        """Rows (M_{B_j})_bd v_j; indices (k, B), or (g, B) shared by groups of k / g rows; vectors (k, p) -> (k, p)."""
         if not hasattr(self.operator, "sampled_matvec"):
             raise TypeError(f"{type(self.operator).__name__} has no mini-batch products (sampled_matvec)")
         vectors = check_directions(vectors, self.dim).to(self.dtype)
-        indices = torch.as_tensor(indices)
-        stacked_indices = indices.repeat(len(self.blocks), 1)  # row b * k + j: mini-batch j
+        indices = check_mini_batches(indices, vectors.shape[0], expand=False)
+        stacked_indices = indices.repeat(len(self.blocks), 1)  # row b * k + j: the group of row j
         products = self.operator.sampled_matvec(stacked_indices, self._stack(vectors))
         return self._pick(products, vectors.shape[0])
 
@@ -232,7 +232,7 @@ class CurvatureBlock(CurvatureOperator):
         return self.operator.matvec(self._embed(vectors))[:, self.index] + self.damping * vectors
 
     def sampled_matvec(self, indices: Tensor, vectors: Tensor) -> Tensor:
-        """Rows ((M_{B_j})_{b b} + damping I) w_j; indices (k, B), vectors (k, |b|) -> (k, |b|)."""
+        """Rows ((M_{B_j})_{b b} + damping I) w_j; indices (k, B) or (g, B) (grouped), vectors (k, |b|) -> (k, |b|)."""
         if not hasattr(self.operator, "sampled_matvec"):
             raise TypeError(f"{type(self.operator).__name__} has no mini-batch products (sampled_matvec)")
         vectors = check_directions(vectors, self.dim).to(self.dtype)

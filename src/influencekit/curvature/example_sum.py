@@ -17,7 +17,7 @@ from torch.func import vmap
 from influencekit.curvature.base import CurvatureOperator
 from influencekit.data import Batch, reshape_leading
 from influencekit.losses import cast_floats
-from influencekit.linalg import check_directions
+from influencekit.linalg import check_directions, check_mini_batches
 from influencekit.objectives.torch_objective import TorchObjective
 
 
@@ -66,18 +66,14 @@ class ExampleSumCurvature(CurvatureOperator):
         and B_j = ``indices[j]`` (repeats allowed).
 
         Args:
-            indices: training indices, shape (k, B).
+            indices: training indices, shape (k, B), or (g, B) shared by groups of k / g rows
+                (:func:`~influencekit.linalg.check_mini_batches`).
             vectors: shape (k, p).
         Returns:
             shape (k, p).
         """
         vectors = check_directions(vectors, self.dim).to(self.dtype)
-        indices = torch.as_tensor(indices)
-        if indices.dim() != 2 or indices.shape[0] != vectors.shape[0]:
-            raise ValueError(
-                f"need one mini-batch of indices per vector: indices of shape (k, B) = ({vectors.shape[0]}, B), "
-                f"got {tuple(indices.shape)}"
-            )
+        indices = check_mini_batches(indices, vectors.shape[0])
         k, b = indices.shape
         batches = reshape_leading(cast_floats(self.objective.train.gather(indices), self.dtype), (k, b))
 

@@ -26,7 +26,7 @@ class HessianOperator(CurvatureOperator):
         return self.objective.hvp(vectors)
 
     def sampled_matvec(self, indices: Tensor, vectors: Tensor) -> Tensor:
-        """Rows (H_{B_j} + lambda I) v_j with B_j = indices[j]; indices (k, B), vectors (k, p)."""
+        """Rows (H_{B_j} + lambda I) v_j with B_j = indices[j]; indices (k, B), or (g, B) shared by groups of k / g rows."""
         return self.objective.sampled_hvp(indices, vectors)
 
     def to_dense(self, block: int = 512) -> Tensor:

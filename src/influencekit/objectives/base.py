@@ -75,13 +75,15 @@ class Objective(Protocol):
         """Hessian of R times each row of ``vectors`` (k, p) -> (k, p), over all data."""
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:
-        """Mini-batch Hessian-vector products, one mini-batch per vector.
+        """Mini-batch Hessian-vector products, one mini-batch per vector or one for all.
 
         Row j of the result is (H_{B_j} + lambda I) v_j where
         H_{B_j} = (1/B) sum_{i in B_j} hess l_i and B_j = ``indices[j]``.
 
         Args:
-            indices: shape (k, B), training indices.
+            indices: training indices, shape (k, B); or (g, B) with g dividing k, each
+                mini-batch shared by k / g consecutive rows ((B,): one for all; see
+                :func:`influencekit.linalg.check_mini_batches`).
             vectors: shape (k, p).
         """
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencekit.linalg import matmul
+from influencekit.linalg import transposed_product
 from influencekit.objectives.softmax_regression import SoftmaxRegressionObjective
 
 
@@ -43,51 +43,63 @@ class _WeightedSoftmax:
         self.x, self.y, self.w, self.weight_decay = inputs, targets, sample_weights, weight_decay  # w: (n, k)
         self.rows = torch.arange(len(targets))
 
-    def _logits(self, weights: Tensor) -> Tensor:
+    def _logits(self, weights: np.ndarray) -> np.ndarray:
+        """X [W_1; ...; W_k]^T as (n, k, C) for weights (k, C, d) (one OpenBLAS GEMM)."""
         k, c, d = weights.shape
-        return matmul(self.x, weights.reshape(k * c, d).T).reshape(-1, k, c)
+        return (self.x.numpy() @ weights.reshape(k * c, d).T).reshape(-1, k, c)
 
-    def _back(self, per_row: Tensor) -> Tensor:
+    def _back(self, per_row: np.ndarray) -> np.ndarray:
         """sum_i per_row[i, j] x_i^T: (n, k, C) -> (k, C, d)."""
         n, k, c = per_row.shape
-        return matmul(per_row.reshape(n, k * c).T, self.x).reshape(k, c, -1)
+        return transposed_product(per_row.reshape(n, k * c), self.x.numpy()).reshape(k, c, -1)
 
     def values(self, weights: Tensor, models: Tensor) -> Tensor:
-        log_probs = torch.log_softmax(self._logits(weights), dim=2)
+        log_probs = torch.log_softmax(torch.from_numpy(self._logits(weights.numpy())), dim=2)
         ce = -log_probs[self.rows, :, self.y]  # (n, k)
         return (self.w[:, models] * ce).sum(0) + 0.5 * self.weight_decay * (weights**2).sum((1, 2))
 
     def gradients(self, weights: Tensor, models: Tensor) -> tuple[Tensor, Tensor]:
         """(grad R_j (k, C, d), probabilities (n, k, C)) for the models ``models``."""
-        probs = torch.softmax(self._logits(weights), dim=2)
+        probs = torch.softmax(torch.from_numpy(self._logits(weights.numpy())), dim=2)
         residuals = probs.clone()
         residuals[self.rows, :, self.y] -= 1.0
-        return self._back(residuals * self.w[:, models, None]) + self.weight_decay * weights, probs
+        return torch.from_numpy(self._back((residuals * self.w[:, models, None]).numpy())) + self.weight_decay * weights, probs
 
-    def hvp(self, probs: Tensor, vectors: Tensor, models: Tensor) -> Tensor:
+    def hvp(self, probs: np.ndarray, vectors: np.ndarray, models: np.ndarray) -> np.ndarray:
+        """Rows H_j v_j, vectors (k, C, d), probabilities (n, k, C)."""
         curved = SoftmaxRegressionObjective._curvature_apply(probs, self._logits(vectors))
-        return self._back(curved * self.w[:, models, None]) + self.weight_decay * vectors
+        curved *= self.w.numpy()[:, models, None]
+        image = self._back(curved)
+        image += self.weight_decay * vectors
+        return image
 
     def cg(self, probs: Tensor, rhs: Tensor, models: Tensor, rtol: Tensor, maxiter: int) -> tuple[Tensor, Tensor]:
-        """Solve H_j s_j = rhs_j for each model by CG (each to ||r_j|| <= rtol_j ||rhs_j||); returns (s, iterations)."""
-        solution = torch.zeros_like(rhs)
-        residual, direction = rhs.clone(), rhs.clone()
+        """Solve H_j s_j = rhs_j for each model by CG (each to ||r_j|| <= rtol_j ||rhs_j||); returns (s, iterations).
+
+        The loop runs in numpy: torch operations between the OpenBLAS products would make the two
+        libraries' thread pools spin against each other (10 fits of MNIST halves: 58 s in torch, 23 s in
+        numpy, on 2 shared cores).
+        """
+        probs_np, models_np = probs.numpy(), models.numpy()
+        solution = np.zeros_like(rhs.numpy())
+        residual, direction = rhs.numpy().copy(), rhs.numpy().copy()
         squared = (residual**2).sum((1, 2))
-        target = (rtol * squared.sqrt()) ** 2
-        iterations = torch.zeros(len(models), dtype=torch.long)
+        target = (rtol.numpy() * np.sqrt(squared)) ** 2
+        iterations = np.zeros(len(models_np), dtype=np.int64)
         for _ in range(maxiter):
-            active = torch.nonzero(squared > target).reshape(-1)
+            active = np.flatnonzero(squared > target)
             if len(active) == 0:
                 break
-            image = self.hvp(probs[:, active], direction[active], models[active])
-            alpha = squared[active] / (direction[active] * image).sum((1, 2))
-            solution[active] += alpha[:, None, None] * direction[active]
-            residual[active] -= alpha[:, None, None] * image
+            moving = direction[active]
+            image = self.hvp(probs_np[:, active], moving, models_np[active])
+            alpha = (squared[active] / (moving * image).sum((1, 2)))[:, None, None]
+            solution[active] += alpha * moving
+            residual[active] -= alpha * image
             new_squared = (residual[active] ** 2).sum((1, 2))
-            direction[active] = residual[active] + (new_squared / squared[active])[:, None, None] * direction[active]
+            direction[active] = residual[active] + (new_squared / squared[active])[:, None, None] * moving
             squared[active] = new_squared
             iterations[active] += 1
-        return solution, iterations
+        return torch.from_numpy(solution), torch.from_numpy(iterations)
 
 
 def fit_softmax_regression_subsets(

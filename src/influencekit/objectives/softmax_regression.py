@@ -26,9 +26,9 @@ from torch import Tensor
 
 from influencekit.checks import check_finite_batch, check_labels, check_not_empty
 from influencekit.data import Batch
-from influencekit.linalg import matmul
+from influencekit.linalg import matmul, transposed_product
 from influencekit.losses import batch_inputs, batch_targets
-from influencekit.linalg import check_directions
+from influencekit.linalg import check_directions, check_mini_batches
 
 
 class SoftmaxRegressionObjective:
@@ -144,20 +144,30 @@ class SoftmaxRegressionObjective:
         for rows in self._chunks():
             x = inputs[rows]
             r = self._curvature_apply(probs[rows][:, None, :], (x @ flat.T).reshape(-1, k, c))
-            total += r.reshape(-1, k * c).T @ x
+            total += transposed_product(r.reshape(-1, k * c), x)
         hv = torch.from_numpy(total).reshape(k, -1) / self.n_train
         return hv + self.weight_decay * v.reshape(k, -1)
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:
+        """Rows (H_{B_j} + lambda I) v_j, H_B = (1/B) sum_{i in B} hess l_i; vectors (k, p) -> (k, p).
+
+        ``indices`` (g, B) (see :func:`~influencekit.linalg.check_mini_batches`): the m = k / g
+        rows of group a share the mini-batch indices[a] = {x_i}, so each group is two GEMMs,
+        U = X_B [V_1; ...; V_m]^T ((B, m C): u_ij = V_j x_i) and (1/B) R^T X_B with
+        r_ij = p_i * u_ij - p_i (p_i . u_ij), about 4 B d k C flops in all. One batch for many
+        rows (LiSSA with many right-hand sides) thus never copies the inputs per row. In numpy
+        between the OpenBLAS products, as in :meth:`hvp`.
+        """
         v = self._as_matrices(vectors)  # (k, C, d)
-        indices = torch.as_tensor(indices)
-        if indices.dim() != 2 or indices.shape[0] != v.shape[0]:
-            raise ValueError(f"need indices of shape (k, B) with k = {v.shape[0]}, got {tuple(indices.shape)}")
-        x = self.inputs[indices]  # (k, B, d)
-        projected = torch.bmm(x, v.transpose(1, 2))  # (k, B, C)
-        r = self._curvature_apply(self.probs[indices], projected)
-        hv = torch.bmm(r.transpose(1, 2), x) / indices.shape[1]  # (k, C, d)
-        return hv.reshape(v.shape[0], -1) + self.weight_decay * v.reshape(v.shape[0], -1)
+        k, c, d = v.shape
+        batches = check_mini_batches(indices, k, expand=False).numpy()  # (g, B)
+        g, b = batches.shape
+        x = self.inputs.numpy()[batches]  # (g, B, d)
+        projected = (x @ v.reshape(g, -1, d).numpy().transpose(0, 2, 1)).reshape(g, b, -1, c)  # (g, B, m, C)
+        r = self._curvature_apply(self.probs.numpy()[batches][:, :, None, :], projected) / b
+        hv = torch.from_numpy(r.reshape(g, b, -1).transpose(0, 2, 1) @ x)  # (g, m C, d)
+        # the (k, p) block is the large operand: add lambda v in place, one pass
+        return hv.reshape(k, -1).add_(v.reshape(k, -1), alpha=self.weight_decay)
 
     def hessian(self, chunk_size: int = 4096) -> Tensor:
         """Explicit Hessian (p, p), p = C d.

@@ -19,7 +19,7 @@ from influencekit.checks import (
 )
 from influencekit.data import Batch, DataSource, batch_size, batch_tensors, index_batch, map_batch, reshape_leading
 from influencekit.errors import DtypeError
-from influencekit.linalg import check_directions
+from influencekit.linalg import check_directions, check_mini_batches
 from influencekit.losses import ForwardFn, LossFn, batch_targets, cast_floats, cross_entropy, default_forward, resolve_loss
 from influencekit.parameters import ParameterSpace
 
@@ -282,10 +282,8 @@ class TorchObjective:
 
     def sampled_hvp(self, indices: Tensor, vectors: Tensor) -> Tensor:
         vectors = check_directions(vectors, self.dim).to(self.dtype)
-        indices = torch.as_tensor(indices)
+        indices = check_mini_batches(indices, vectors.shape[0])
         k, b = indices.shape
-        if k != vectors.shape[0]:
-            raise ValueError(f"need one mini-batch per vector: indices {tuple(indices.shape)} vs vectors {tuple(vectors.shape)}")
         batches = reshape_leading(self._prepare(self.train.gather(indices), "training data", indices), (k, b))
 
         # One copy of theta per vector: the gradient of sum_j mean_{B_j} l(theta_j) has rows grad R_{B_j},

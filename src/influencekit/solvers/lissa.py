@@ -206,8 +206,9 @@ class LiSSASolver(Solver):
         keep = 1.0 - self.damping / self.scale
         trace = torch.empty(self.settings.depth, k, dtype=b.dtype)
         for step in tqdm(range(self.settings.depth), desc="LiSSA", disable=None if self.progress is None else not self.progress):
-            batch = indices[:, step].repeat_interleave(k, dim=0)  # (T * k, B)
-            h = v + keep * h - self.curvature.sampled_matvec(batch, h) / self.scale
+            # rows r k .. r k + k - 1 (repeat r) share repeat r's mini-batch: one (T, B) index block;
+            # the product is a new tensor, so the recursion updates it in place
+            h = self.curvature.sampled_matvec(indices[:, step], h).mul_(-1.0 / self.scale).add_(h, alpha=keep).add_(v)
             norms = h.norm(dim=1)
             trace[step] = norms.reshape(t, k).mean(dim=0)
             bound = 10.0 * (step + 2) * v_norm
