@@ -26,9 +26,8 @@ from torch import Tensor
 
 from influencekit.checks import check_finite_batch, check_labels, check_not_empty
 from influencekit.data import Batch
-from influencekit.linalg import matmul, transposed_product
+from influencekit.linalg import check_directions, check_mini_batches, matmul, transposed_product
 from influencekit.losses import batch_inputs, batch_targets
-from influencekit.linalg import check_directions, check_mini_batches
 
 
 class SoftmaxRegressionObjective:

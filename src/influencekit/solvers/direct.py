@@ -9,8 +9,7 @@ from torch import Tensor
 
 from influencekit.curvature.base import CurvatureOperator, DenseOperator
 from influencekit.curvature.spectrum import SpectrumSummary, spectrum_summary
-from influencekit.linalg import PackedCholesky, cholesky_solve
-from influencekit.linalg import check_directions
+from influencekit.linalg import PackedCholesky, check_directions, cholesky_solve
 from influencekit.solvers.base import NotPositiveDefiniteError, SolveResult, Solver
 
 
